@@ -1,0 +1,75 @@
+"""Paged attention over a flat (varlen) token batch.
+
+The step's tokens are laid out decode-first: the first `num_decode` tokens are one
+token each of requests that only need their next token; after them come the query
+chunks of prefilling requests, one contiguous run per request.
+
+Every layer first writes the new K/V into the paged cache at `slot_mapping`, then
+reads the context back through block tables. Decode tokens are attended in one
+batched call over their block tables padded to the longest context (masked);
+prefill chunks are attended one request at a time, which is few calls per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first token of the chunk in the flat batch
+    length: int  # query tokens in this chunk
+    context: int  # tokens attended to: cached prefix + this chunk
+    block_table: torch.Tensor | None  # [blocks] long; None when the chunk is the whole context
+    mask: torch.Tensor | None  # [length, context] bool, causal with the cached-prefix offset
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long, where each new token's K/V goes
+    num_decode: int
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] long (padded with 0)
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk]
+
+
+def causal_mask(length: int, context: int, device: torch.device) -> torch.Tensor:
+    """[length, context] bool: query i (at position context - length + i) sees keys <= its position."""
+    query_pos = torch.arange(context - length, context, device=device)
+    return torch.arange(context, device=device)[None, :] <= query_pos[:, None]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KV, D], kv_layer [2, num_blocks, block_size, KV, D] -> [T, H, D]."""
+    num_blocks, block_size, kv_heads, head_dim = kv_layer.shape[1:]
+    slots = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim)
+    slots[0].index_copy_(0, meta.slot_mapping, k)
+    slots[1].index_copy_(0, meta.slot_mapping, v)
+
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        # [nd, max_blocks, block_size, KV, D] -> [nd, KV, S, D]
+        keys = kv_layer[0][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        values = kv_layer[1][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale,
+            enable_gqa=True)  # [nd, H, 1, D]
+        out[:nd] = o.squeeze(2)
+    for chunk in meta.prefills:
+        span = slice(chunk.start, chunk.start + chunk.length)
+        query = q[span].transpose(0, 1).unsqueeze(0)  # [1, H, len, D]
+        if chunk.block_table is None:
+            keys, values = k[span], v[span]
+        else:
+            # [blocks, block_size, KV, D] -> [context, KV, D]
+            keys = kv_layer[0][chunk.block_table].flatten(0, 1)[:chunk.context]
+            values = kv_layer[1][chunk.block_table].flatten(0, 1)[:chunk.context]
+        o = F.scaled_dot_product_attention(
+            query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)
+        out[span] = o.squeeze(0).transpose(0, 1)
+    return out
