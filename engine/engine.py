@@ -43,6 +43,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    max_step_tokens: int = 0  # the most tokens one step computed
+    num_computed_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+@dataclass
 class Completion:
     request_id: str
     prompt_token_ids: list[int]
@@ -72,6 +81,7 @@ class Engine:
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
         self._ids = itertools.count()
 
     # -- requests ------------------------------------------------------------
@@ -164,13 +174,18 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.stats.num_preemptions += len(sched.preempted)
         outputs = []
         for req in sched.finished:
             self._finish(req, req.finish_reason or FinishReason.LENGTH)
             outputs.append(self.outputs_finished(req))
         if not sched.scheduled:
             return outputs
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += sched.num_tokens
+        self.stats.max_step_tokens = max(self.stats.max_step_tokens, sched.num_tokens)
         inputs = self.runner.prepare(sched.scheduled)
+        self.stats.num_generated_tokens += len(inputs.sampled)
         logits = self.runner.execute(inputs)
         sampled = self.sampler(logits, [item.request.sampling for item in inputs.sampled])
         self.scheduler.update(sched)
