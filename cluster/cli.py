@@ -7,6 +7,7 @@ import sys
 import time
 
 from engine.config import ConfigError
+from engine.loader import ModelLoadError
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ModelLoadError, ValueError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
 
