@@ -22,7 +22,7 @@ from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaModel
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.request import FinishReason, KVSink, Request, RequestStatus
-from engine.sampler import Sampler, SamplingState, make_generator
+from engine.sampler import Sampler, SamplingState, make_generator, skip_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 
@@ -136,6 +136,7 @@ class Engine:
         """Starts decoding from KV already in `block_ids` (which the request now owns) plus the
         first token the prefill side sampled. Returns the output for that first token."""
         req = self._new_request(request_id, prompt_token_ids, params)
+        skip_draws(req.sampling, 1)  # the prefill side drew the first token
         req.block_ids = list(block_ids)
         req.num_computed_tokens = len(prompt_token_ids)
         out, reason = self.outputs.append_token(req, first_token_id, None)

@@ -33,7 +33,8 @@ class OutputProcessor:
         self._detok: dict[str, IncrementalDetokenizer] = {}
 
     def add(self, req: Request) -> None:
-        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer.backend, req.params)
+        self._detok[req.request_id] = IncrementalDetokenizer(
+            self.tokenizer.backend, req.params, prompt_token_ids=req.prompt_token_ids)
 
     def remove(self, request_id: str) -> None:
         self._detok.pop(request_id, None)

@@ -38,6 +38,8 @@ class Transfer:
         self.started = time.monotonic()
         self.finished_at: float | None = None
         self._done = threading.Event()
+        self._callbacks: list = []
+        self._callback_lock = threading.Lock()
 
     def sink(self, request_id: str, layer: int, start: int, end: int, kv: torch.Tensor) -> None:
         """The engine's KVSink: queue one layer's K/V [2, end - start, kv_heads, head_dim]."""
@@ -59,7 +61,24 @@ class Transfer:
         if self.error is None:
             self.error = reason
             self.sender.stats.transfers_failed += 1
-        self._done.set()
+        self._complete()
+
+    def add_done_callback(self, fn) -> None:
+        """`fn(transfer)` once DONE was delivered or the transfer failed (at once if already so)."""
+        with self._callback_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _complete(self) -> None:
+        with self._callback_lock:
+            if self._done.is_set():
+                return
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
     def wait(self, timeout_s: float) -> None:
         """Returns once DONE was delivered; raises TransferError on failure or timeout."""
@@ -115,4 +134,4 @@ class KVSender:
             elif header.kind is MessageKind.DONE:
                 transfer.finished_at = time.monotonic()
                 self.stats.transfers_done += 1
-                transfer._done.set()
+                transfer._complete()
