@@ -30,3 +30,19 @@ def make_engine(model_dir):
             cache=CacheConfig(block_size, num_blocks, prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, chunked), **kwargs))
     return build
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A private local Ray instance for this test session, torn down by handle."""
+    import ray
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=128 * 1024 * 1024, _node_ip_address="127.0.0.1",
+             _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "UCX_NET_DEVICES": "lo",
+                                       "UCX_WARN_UNUSED_ENV_VARS": "n"}})
+    yield ray
+    ray.shutdown()
