@@ -27,7 +27,9 @@ class DecodeWorker:
         self.worker_id = worker_id
         self.info = process_info()
         host = host or self.info.get("node_ip") or "127.0.0.1"
-        self.core = DecodeCore(config, listener_factory(transport, host), lease_ttl_s)
+        # NCCL lands payloads in GPU memory; UCX here moves host memory.
+        self.core = DecodeCore(config, listener_factory(transport, host), lease_ttl_s,
+                               staging_on_device=transport == "nccl")
         self.draining = False
 
     def ready(self) -> dict:

@@ -49,7 +49,7 @@ class DecodeStats:
 
 class DecodeCore:
     def __init__(self, config: EngineConfig, listener_factory, lease_ttl_s: float = 30.0,
-                 engine: Engine | None = None):
+                 engine: Engine | None = None, staging_on_device: bool = False):
         self.engine = engine or Engine(config)
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
@@ -57,7 +57,8 @@ class DecodeCore:
         self.receiver = KVReceiver(
             KVCacheStore(self.engine.kv, self.lock), listener_factory,
             model_fingerprint=mc.fingerprint, num_layers=mc.num_layers,
-            kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, lease_ttl_s=lease_ttl_s)
+            kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, lease_ttl_s=lease_ttl_s,
+            staging_device=self.engine.device if staging_on_device else "cpu")
         self._deliver: dict[str, Deliver] = {}
         self._stop = False
         self.loop_error: BaseException | None = None

@@ -61,11 +61,13 @@ ListenerFactory = Callable[..., Listener]
 class KVReceiver:
     def __init__(self, store: BlockStore, listener_factory: ListenerFactory, *,
                  model_fingerprint: str, num_layers: int, kv_heads: int, head_dim: int,
-                 lease_ttl_s: float = 30.0, reap_interval_s: float = 0.05):
+                 lease_ttl_s: float = 30.0, reap_interval_s: float = 0.05,
+                 staging_device: torch.device | str = "cpu"):
         self.store = store
         self.fingerprint = model_fingerprint
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.lease_ttl_s = lease_ttl_s
+        self.staging_device = torch.device(staging_device)  # where the link lands payloads
         self.stats = TransferStats()
         self._records: dict[str, _Record] = {}
         self._finished: dict[str, _Record] = {}  # terminal records, kept for state() queries
@@ -204,7 +206,8 @@ class KVReceiver:
                 self.stats.messages_refused += 1
                 raise LinkRefused(problem)
             rec.state = TransferState.TRANSFERRING
-        return torch.empty(header.shape, dtype=header.dtype.torch)  # staging, then scattered
+        # staging, then scattered into the blocks (block sizes may differ between the sides)
+        return torch.empty(header.shape, dtype=header.dtype.torch, device=self.staging_device)
 
     def _on_payload(self, header: WireHeader, buffer: torch.Tensor | None) -> None:
         with self._lock:
