@@ -76,10 +76,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     out.num_output_tokens = len(progress.sent)
                     out.num_cached_tokens = progress.cached_tokens
                     yield response_from_output(out, request_id=progress.request_id,
-                                               timing=self._timing(progress))
+                                               timing=self._timing(progress),
+                                               tokenizer=self.tokenizer)
                     break
                 if out.new_token_ids or out.new_text:
-                    yield response_from_output(out, request_id=progress.request_id)
+                    yield response_from_output(out, request_id=progress.request_id,
+                                               tokenizer=self.tokenizer)
         except RouterError as exc:
             error = exc
         except (TimeoutError, asyncio.TimeoutError):
