@@ -46,3 +46,24 @@ def ray_local(tmp_path_factory):
                                        "UCX_WARN_UNUSED_ENV_VARS": "n"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy_service(ray_local):
+    """Deploys a pdserve controller (router + pools) on the test's Ray; torn down by handle."""
+    started = []
+
+    def deploy(spec: dict):
+        from cluster.controller import controller_actor
+        controller = controller_actor(0, detached=False).remote(spec)
+        status = ray_local.get(controller.start.remote(), timeout=600)
+        started.append(controller)
+        return controller, status
+
+    yield deploy
+    for controller in started:
+        try:
+            ray_local.get(controller.shutdown.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        ray_local.kill(controller)
