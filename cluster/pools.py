@@ -97,6 +97,12 @@ class Pool:
         try:
             worker.info = await asyncio.wait_for(actor.ready.remote(), self.ready_timeout_s)
             worker.stats = await actor.stats.remote()
+        except asyncio.TimeoutError:
+            ray.kill(actor)
+            raise RuntimeError(
+                f"{self.name} worker {worker_id} did not start within {self.ready_timeout_s:.0f} s; "
+                f"the Ray cluster may lack what it asks for ({self._options()}); available: "
+                f"{ray.available_resources()}") from None
         except Exception:
             ray.kill(actor)
             raise
@@ -112,7 +118,12 @@ class Pool:
             self.target = n
             missing = n - len(self.routable)
             if missing > 0:
-                await asyncio.gather(*(self._start_one() for _ in range(missing)))
+                results = await asyncio.gather(*(self._start_one() for _ in range(missing)),
+                                               return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    self.target = len(self.routable)  # don't keep retrying what cannot start
+                    raise errors[0]
             elif missing < 0:
                 # Drain the least loaded (then newest) first: their streams finish sooner.
                 order = sorted(self.routable, key=lambda w: (w.busy, -w.started))

@@ -40,7 +40,7 @@ def ray_local(tmp_path_factory):
         yield ray
         return
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             object_store_memory=128 * 1024 * 1024, _node_ip_address="127.0.0.1",
+             object_store_memory=128 * 1024 * 1024, _node_ip_address="127.0.0.2",  # Ray rewrites .1
              _temp_dir=str(tmp_path_factory.mktemp("ray")),
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "UCX_NET_DEVICES": "lo",
                                        "UCX_WARN_UNUSED_ENV_VARS": "n"}})
