@@ -9,7 +9,9 @@ A request's life on this worker, in order:
     5. finish / cancel    blocks return to the pool (full ones stay prefix-cached)
 
 The engine loop runs on its own thread; one lock serialises the engine and the
-block pool between that thread, the receiver's threads and the callers.
+block pool between that thread, the receiver's threads and the callers. Lock order:
+the receiver's lock may be held while taking the engine's (to free blocks), never
+the other way round.
 """
 from __future__ import annotations
 
@@ -106,11 +108,14 @@ class DecodeCore:
         return freed or out is not None
 
     def stats(self) -> DecodeStats:
+        # Lock order is receiver -> engine (the receiver frees blocks under its own lock), so
+        # the receiver is read first, never while holding the engine's lock.
+        pending, rx = self.receiver.num_pending, self.receiver.stats
         with self.lock:
-            e, rx = self.engine, self.receiver.stats
+            e = self.engine
             return DecodeStats(
                 running=len(e.scheduler.running), waiting=len(e.scheduler.waiting),
-                pending_transfers=self.receiver.num_pending, kv_blocks_used=e.kv.pool.num_used,
+                pending_transfers=pending, kv_blocks_used=e.kv.pool.num_used,
                 kv_blocks_total=e.kv.num_blocks, prefix_cache_hits=e.kv.pool.hits,
                 prefix_cache_queries=e.kv.pool.queries, bytes_received=rx.bytes_received,
                 leases_expired=rx.leases_expired, transfers_failed=rx.transfers_failed,

@@ -53,6 +53,8 @@ class _Record:
     first_token: int | None = None
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
+    expires_at: float = 0.0  # the lease's expiry, pushed out as layers land
+    ttl_s: float = 0.0
 
 
 ListenerFactory = Callable[..., Listener]
@@ -94,8 +96,9 @@ class KVReceiver:
                 self.store.free(blocks)
                 raise ValueError(f"request {request_id!r} already holds a lease")
             self._finished.pop(request_id, None)
-            self._records[request_id] = _Record(lease, self.num_layers,
-                                                received=[0] * self.num_layers)
+            self._records[request_id] = _Record(
+                lease, self.num_layers, received=[0] * self.num_layers,
+                expires_at=lease.expires_at, ttl_s=ttl_s or self.lease_ttl_s)
             self.stats.leases_granted += 1
         return lease
 
@@ -141,7 +144,7 @@ class KVReceiver:
         now = time.time() if now is None else now
         with self._lock:
             # READY but never taken expires too: nothing may hold blocks past its lease.
-            late = [rid for rid, rec in self._records.items() if rec.lease.expires_at <= now]
+            late = [rid for rid, rec in self._records.items() if rec.expires_at <= now]
             for rid in late:
                 self._end(rid, TransferState.EXPIRED, "the lease expired before the KV arrived")
             return late
@@ -175,7 +178,7 @@ class KVReceiver:
                       f"model fingerprint {header.model_fingerprint!r} != {self.fingerprint!r}")
             raise LinkRefused(f"model fingerprint mismatch: sender {header.model_fingerprint!r}, "
                               f"receiver {self.fingerprint!r}")
-        if rec.lease.expires_at <= time.time():
+        if rec.expires_at <= time.time():
             self._end(header.request_id, TransferState.EXPIRED, "the lease expired")
             raise LinkRefused(f"the lease for {header.request_id!r} expired")
         return rec
@@ -233,6 +236,9 @@ class KVReceiver:
                 # Written under the lock: the lease cannot end (and its blocks be reused) meanwhile.
                 self.store.write(header.layer, list(rec.lease.block_ids), header.token_start, buffer)
                 rec.received[header.layer] = header.token_end
+                # Progress keeps a lease alive: a long chunked prefill may outlast one TTL,
+                # a sender that stops sending may not.
+                rec.expires_at = max(rec.expires_at, time.time() + rec.ttl_s)
                 self.stats.bytes_received += header.payload_nbytes
                 self.stats.layers_received += 1
 

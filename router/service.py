@@ -116,9 +116,11 @@ class Router:
         delay = 0.02
         while True:
             pviews, dviews = self._views(tokens)
-            pviews = [v for v in pviews if v.worker_id not in exclude]
-            dviews = [v for v in dviews if v.worker_id not in exclude]
-            choice = choose_pair(pviews, dviews, len(tokens))
+            # Workers that failed this request are avoided, unless nothing else is left.
+            choice = choose_pair([v for v in pviews if v.worker_id not in exclude],
+                                 [v for v in dviews if v.worker_id not in exclude], len(tokens))
+            if isinstance(choice, NoPair) and exclude:
+                choice = choose_pair(pviews, dviews, len(tokens))
             if not isinstance(choice, NoPair):
                 return (self.pools["prefill"].workers[choice.prefill_id],
                         self.pools["decode"].workers[choice.decode_id], choice.lease_blocks)
