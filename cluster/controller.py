@@ -17,6 +17,7 @@ from cluster.metrics import ServiceMetrics
 from cluster.pools import Pool
 from cluster.spec import ClusterSpec
 from engine.loader import load_model_config, load_tokenizer, resolve_model_dir
+from router.colocated import ColocatedRouter
 from router.server import GenerationServicer, start_server
 from router.service import Router
 
@@ -28,7 +29,8 @@ REFRESH_INTERVAL_S = 0.5
 
 
 class ServiceController:
-    def __init__(self, spec: dict, worker_host: str = "127.0.0.1"):
+    def __init__(self, spec: dict, worker_host: str | None = None):
+        # worker_host None: each worker listens for KV on its Ray node's IP (loopback locally)
         logging.basicConfig(level=logging.INFO)
         self.spec = ClusterSpec.from_dict(spec)
         model_dir = resolve_model_dir(self.spec.model)
@@ -39,8 +41,9 @@ class ServiceController:
         self.pools = {name: Pool(name, self.spec, worker_host) for name in self.spec.pools}
         self.metrics = ServiceMetrics.for_spec(self.spec)
         r = self.spec.router
-        self.router = Router(self.pools, max_pending=r.max_pending_requests,
-                             request_timeout_s=r.request_timeout_s)
+        router_cls = ColocatedRouter if self.spec.mode == "colocated" else Router
+        self.router = router_cls(self.pools, max_pending=r.max_pending_requests,
+                                 request_timeout_s=r.request_timeout_s)
         self.server = None
         self.port = None
         self.metrics_port = None
@@ -109,8 +112,9 @@ class ServiceController:
         return True
 
 
-def controller_actor(num_cpus: float, detached: bool = True, max_restarts: int = -1):
-    options = dict(name=CONTROLLER_NAME, namespace=NAMESPACE, num_cpus=num_cpus,
+def controller_actor(num_cpus: float, detached: bool = True, max_restarts: int = -1,
+                     name: str = CONTROLLER_NAME):
+    options = dict(name=name, namespace=NAMESPACE, num_cpus=num_cpus,
                    max_restarts=max_restarts, max_concurrency=10_000)
     if detached:
         options["lifetime"] = "detached"

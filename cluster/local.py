@@ -74,8 +74,13 @@ def deploy(spec: ClusterSpec, detached: bool) -> tuple[object, dict]:
     """Creates the controller on the connected Ray cluster and starts the service."""
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from cluster.controller import controller_actor
-    controller = controller_actor(spec.router.num_cpus, detached=detached).remote(spec.to_dict())
+    # The router listens on router.host, an address of the node running `pdserve up`.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    controller = controller_actor(spec.router.num_cpus, detached=detached).options(
+        scheduling_strategy=here).remote(spec.to_dict())
     status = ray.get(controller.start.remote(), timeout=900)
     return controller, status
 

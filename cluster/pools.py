@@ -9,6 +9,7 @@ then is shut down and killed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -85,7 +86,9 @@ class Pool:
         t = self.spec.transport
         config = self.spec.engine_config(self.name)
         if self.name == "prefill":
-            return (worker_id, config, t.kind, t.send_timeout_s, self.pool_spec.threads, self.host)
+            faults = dataclasses.asdict(t.faults) if t.faults else None
+            return (worker_id, config, t.kind, t.send_timeout_s, self.pool_spec.threads, self.host,
+                    faults)
         if self.name == "decode":
             return (worker_id, config, t.kind, t.lease_ttl_s, self.pool_spec.threads, self.host)
         return (worker_id, config, self.pool_spec.threads)

@@ -95,8 +95,20 @@ class MetricsSpec(Checked):
 
 
 @dataclass(frozen=True)
+class FaultSpec(Checked):
+    """Failure injection on the KV link (chaos tests): per-message probabilities."""
+
+    drop: float = spec_field(0.0, number(0, 1))  # the message vanishes: the lease must expire
+    delay: float = spec_field(0.0, number(0, 1))  # the message arrives delay_s late
+    delay_s: float = spec_field(0.0, number(0))
+    corrupt: float = spec_field(0.0, number(0, 1))  # the header is damaged: it must be refused
+    seed: int = spec_field(0, integer(0))
+
+
+@dataclass(frozen=True)
 class TransportSpec(Checked):
     kind: str = spec_field("ucx", choice("ucx", "nccl", "fake"))
+    faults: FaultSpec | None = spec_field(None, optional(section(FaultSpec)))
     lease_ttl_s: float = spec_field(30.0, number(0, lo_open=True))  # reserved blocks wait this long
     send_timeout_s: float = spec_field(30.0, number(0, lo_open=True))  # one message's send
 

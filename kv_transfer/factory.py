@@ -25,7 +25,16 @@ def listener_factory(kind: str, host: str):
     raise ValueError(f"transport.kind: unknown transport {kind!r} (one of {', '.join(TRANSPORTS)})")
 
 
-def make_link(kind: str, host: str = "127.0.0.1") -> Link:
+def make_link(kind: str, host: str = "127.0.0.1", faults: dict | None = None) -> Link:
+    """The sending end; `faults` (drop/delay/delay_s/corrupt/seed) wraps it for chaos tests."""
+    link = _make_link(kind, host)
+    if faults:
+        from kv_transfer.faults import FaultyLink
+        link = FaultyLink(link, **faults)
+    return link
+
+
+def _make_link(kind: str, host: str) -> Link:
     if kind == "ucx":
         from kv_transfer.ucx_link import LinkConfig, LinkSender
         return LinkSender(LinkConfig(host=host, net_devices="lo" if _is_loopback(host) else None))

@@ -16,12 +16,12 @@ from prefill_worker.core import PrefillCore
 class PrefillWorker:
     def __init__(self, worker_id: str, config: EngineConfig, transport: str = "ucx",
                  send_timeout_s: float = 30.0, torch_threads: int | None = None,
-                 host: str | None = None):
+                 host: str | None = None, faults: dict | None = None):
         configure_process(torch_threads)
         self.worker_id = worker_id
         self.info = process_info()
         host = host or self.info.get("node_ip") or "127.0.0.1"
-        self.core = PrefillCore(config, make_link(transport, host), send_timeout_s=send_timeout_s)
+        self.core = PrefillCore(config, make_link(transport, host, faults), send_timeout_s=send_timeout_s)
         self.draining = False
 
     def ready(self) -> dict:

@@ -51,19 +51,26 @@ def ray_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def deploy_service(ray_local):
     """Deploys a pdserve controller (router + pools) on the test's Ray; torn down by handle."""
+    import itertools
     started = []
+    names = itertools.count()
 
     def deploy(spec: dict):
         from cluster.controller import controller_actor
-        controller = controller_actor(0, detached=False).remote(spec)
+        name = f"test-controller-{next(names)}"
+        controller = controller_actor(0, detached=False, name=name).remote(spec)
         status = ray_local.get(controller.start.remote(), timeout=600)
         started.append(controller)
         return controller, status
 
-    yield deploy
-    for controller in started:
+    def stop(controller) -> None:
         try:
             ray_local.get(controller.shutdown.remote(), timeout=60)
         except Exception:  # noqa: BLE001 - already gone
             pass
         ray_local.kill(controller)
+
+    deploy.stop = stop
+    yield deploy
+    for controller in started:
+        stop(controller)

@@ -208,9 +208,14 @@ def test_load_logs_warnings(tmp_path, caplog):
 
 
 def _shipped_specs() -> list[Path]:
-    """deploy/*.yaml that are service specs (not `ray up` cluster YAMLs, which have cluster_name)."""
-    return [p for p in sorted((REPO / "deploy").glob("*.yaml"))
-            if "cluster_name" not in (yaml.safe_load(p.read_text()) or {})]
+    """The specs meant for this machine (spec-*.yaml are for `ray up` clusters of several nodes)."""
+    return [REPO / "deploy" / "local.yaml", REPO / "deploy" / "colocated.yaml"]
+
+
+@pytest.mark.parametrize("name", ["spec-cluster.yaml", "spec-gpu.yaml"])
+def test_cluster_specs_load(name):
+    spec = load_spec(REPO / "deploy" / name)
+    assert spec.mode == "disaggregated" and spec.prefill.resources and spec.decode.resources
 
 
 @pytest.mark.parametrize("path", _shipped_specs(), ids=lambda p: p.name)
