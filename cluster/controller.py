@@ -7,6 +7,7 @@ Workers are owned by this actor, so they die with it; when the controller restar
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 from pathlib import Path
@@ -50,6 +51,12 @@ class ServiceController:
         self.started_at = time.time()
         self._background_task = None
         self._stopping = False
+        context = ray.get_runtime_context()
+        if context.was_current_actor_reconstructed:
+            # Restarted after a crash: its workers died with it. Serve again on the same
+            # address; the call is queued behind this constructor.
+            log.warning("controller restarted: deploying the pools again")
+            context.current_actor.start.remote()
 
     async def start(self) -> dict:
         """Deploys the pools, then opens the gRPC and metrics endpoints; returns status()."""
@@ -108,8 +115,8 @@ class ServiceController:
         await asyncio.gather(*(pool.stop_all() for pool in self.pools.values()))
         self.metrics.close()
 
-    async def ping(self) -> bool:
-        return True
+    async def ping(self) -> dict:
+        return dict(serving=self.server is not None, pid=os.getpid())
 
 
 def controller_actor(num_cpus: float, detached: bool = True, max_restarts: int = -1,

@@ -229,3 +229,4 @@ def test_injected_transfer_faults_during_50_requests(ray_local, deploy_service):
     # leases at once; most requests still get through on a retry.
     assert len(errors) <= len(requests) // 2, [e.details() for e in errors]
     deploy_service.stop(controller)
+
