@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--json", action="store_true")
     eng.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     eng.set_defaults(func=lambda a: __import__("benchmarks.engine_bench", fromlist=["main"]).main(a))
+    tr = bench_sub.add_parser("transfer", help="KV transfer GB/s vs a raw socket; TTFT overhead")
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    tr.set_defaults(func=lambda a: __import__("benchmarks.transfer_bench", fromlist=["main"]).main(a))
     return parser
 
 
