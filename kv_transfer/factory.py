@@ -14,6 +14,10 @@ def listener_factory(kind: str, host: str):
     """A callable (on_header, on_payload, on_error) -> listener for the receiver."""
     if kind == "ucx":
         from kv_transfer.ucx_link import LinkConfig, LinkListener
+        if _is_loopback(host):
+            # UCX over `lo` connects to 127.0.0.1 only (127.0.0.2 fails with "Endpoint is not
+            # connected"); the listener binds every interface, so any loopback node reaches it.
+            host = "127.0.0.1"
         config = LinkConfig(host=host, net_devices="lo" if _is_loopback(host) else None)
         return lambda h, p, e: LinkListener(h, p, e, config=config)
     if kind == "fake":
