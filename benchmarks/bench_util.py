@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import signal
 import subprocess
@@ -71,6 +72,20 @@ def memory_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> dict:
         read_s = min(read_s, time.perf_counter() - t)
     return {"copy_gbps": 2 * nbytes / copy_s / 1e9, "read_gbps": nbytes / read_s / 1e9,
             "buffer_mib": nbytes >> 20}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]], k: int = 8) -> float | None:
+    """Fraction of prompts whose first k greedy tokens are identical in both engines."""
+    pairs = [(a[:k], b[:k]) for a, b in zip(ours, theirs) if len(a) >= k and len(b) >= k]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
 class RunnerError(RuntimeError):

