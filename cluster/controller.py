@@ -120,11 +120,13 @@ class ServiceController:
 
 
 def controller_actor(num_cpus: float, detached: bool = True, max_restarts: int = -1,
-                     name: str = CONTROLLER_NAME):
+                     name: str = CONTROLLER_NAME, scheduling_strategy=None):
     options = dict(name=name, namespace=NAMESPACE, num_cpus=num_cpus,
                    max_restarts=max_restarts, max_concurrency=10_000)
     if detached:
         options["lifetime"] = "detached"
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     return ray.remote(ServiceController).options(**options)
 
 

@@ -79,8 +79,8 @@ def deploy(spec: ClusterSpec, detached: bool) -> tuple[object, dict]:
     from cluster.controller import controller_actor
     # The router listens on router.host, an address of the node running `pdserve up`.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    controller = controller_actor(spec.router.num_cpus, detached=detached).options(
-        scheduling_strategy=here).remote(spec.to_dict())
+    controller = controller_actor(spec.router.num_cpus, detached=detached,
+                                  scheduling_strategy=here).remote(spec.to_dict())
     status = ray.get(controller.start.remote(), timeout=900)
     return controller, status
 
