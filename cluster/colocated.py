@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.loop import EngineLoop
 from engine.output_processor import RequestOutput
 from engine.runtime import configure_process, off_loop, process_info
 from engine.sampling_params import SamplingParams
@@ -49,18 +49,13 @@ class ColocatedStats:
     expired: int  # requests aborted by the worker's own deadline
 
 
-class ColocatedCore:
+class ColocatedCore(EngineLoop):
     def __init__(self, config: EngineConfig, engine: Engine | None = None):
-        self.engine = engine or Engine(config)
-        self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
+        super().__init__(engine or Engine(config), "colocated-loop")
         self._deliver: dict[str, Deliver] = {}
         self._deadlines: dict[str, float] = {}
-        self._stop = False
         self.expired = 0
-        self.loop_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="colocated-loop")
-        self._thread.start()
+        self.start_loop()
 
     def start(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
               deliver: Deliver, timeout_s: float | None = None) -> None:
@@ -71,7 +66,7 @@ class ColocatedCore:
             self._deliver[request_id] = deliver
             if timeout_s is not None:
                 self._deadlines[request_id] = time.monotonic() + timeout_s
-            self._wake.notify()
+            self.notify()
 
     def cancel(self, request_id: str) -> bool:
         """Aborts the request wherever it is; its `deliver` gets a final ABORT output."""
@@ -96,10 +91,7 @@ class ColocatedCore:
                 expired=self.expired)
 
     def close(self) -> None:
-        with self.lock:
-            self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
+        self.stop_loop()
 
     def _expire(self) -> list[tuple[Deliver, RequestOutput]]:
         """Aborts requests past their deadline (the caller is gone or gave up); lock held."""
@@ -114,30 +106,16 @@ class ColocatedCore:
                 ended.append((deliver, out))
         return ended
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self.lock:
-                    while not self._stop and not self.engine.has_unfinished:
-                        self._wake.wait(0.5)
-                    if self._stop:
-                        return
-                    targets = self._expire() if self._deadlines else []
-                    outputs = self.engine.step()
-                    for o in outputs:
-                        deliver = (self._deliver.pop(o.request_id, None) if o.finished
-                                   else self._deliver.get(o.request_id))
-                        if o.finished:
-                            self._deadlines.pop(o.request_id, None)
-                        if deliver is not None:
-                            targets.append((deliver, o))
-                # outside the lock: a slow consumer never stalls a step
-                for deliver, out in targets:
-                    deliver(out)
-                time.sleep(0)  # let callers waiting on the lock in
-        except BaseException as exc:  # noqa: BLE001 - surfaced through stats/health
-            self.loop_error = exc
-            raise
+    def step_locked(self) -> list[tuple[Deliver, RequestOutput]]:
+        callbacks = self._expire() if self._deadlines else []
+        for o in self.engine.step():
+            deliver = (self._deliver.pop(o.request_id, None) if o.finished
+                       else self._deliver.get(o.request_id))
+            if o.finished:
+                self._deadlines.pop(o.request_id, None)
+            if deliver is not None:
+                callbacks.append((deliver, o))
+        return callbacks
 
 
 class ColocatedWorker:

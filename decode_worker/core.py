@@ -15,13 +15,12 @@ the other way round.
 """
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.loop import EngineLoop
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import Lease, TransferError, TransferState
@@ -49,12 +48,10 @@ class DecodeStats:
     generated_tokens: int
 
 
-class DecodeCore:
+class DecodeCore(EngineLoop):
     def __init__(self, config: EngineConfig, listener_factory, lease_ttl_s: float = 30.0,
                  engine: Engine | None = None, staging_on_device: bool = False):
-        self.engine = engine or Engine(config)
-        self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
+        super().__init__(engine or Engine(config), "decode-loop")
         mc = self.engine.model_config
         self.receiver = KVReceiver(
             KVCacheStore(self.engine.kv, self.lock), listener_factory,
@@ -62,10 +59,7 @@ class DecodeCore:
             kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, lease_ttl_s=lease_ttl_s,
             staging_device=self.engine.device if staging_on_device else "cpu")
         self._deliver: dict[str, Deliver] = {}
-        self._stop = False
-        self.loop_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="decode-loop")
-        self._thread.start()
+        self.start_loop()
 
     @property
     def address(self):
@@ -94,7 +88,7 @@ class DecodeCore:
                 raise
             if not out.finished:
                 self._deliver[request_id] = deliver
-                self._wake.notify()
+                self.notify()
         deliver(out)
 
     def cancel(self, request_id: str) -> bool:
@@ -123,29 +117,13 @@ class DecodeCore:
                 steps=e.stats.num_steps, generated_tokens=e.stats.num_generated_tokens)
 
     def close(self) -> None:
-        with self.lock:
-            self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
+        self.stop_loop()
         self.receiver.close()
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self.lock:
-                    while not self._stop and not self.engine.has_unfinished:
-                        self._wake.wait(0.5)
-                    if self._stop:
-                        return
-                    outputs = self.engine.step()
-                    targets = [(self._deliver.get(o.request_id), o) for o in outputs]
-                    for o in outputs:
-                        if o.finished:
-                            self._deliver.pop(o.request_id, None)
-                for deliver, out in targets:  # outside the lock: a slow consumer never stalls a step
-                    if deliver is not None:
-                        deliver(out)
-                time.sleep(0)  # let callers waiting on the lock in
-        except BaseException as exc:  # noqa: BLE001 - surfaced through stats/health
-            self.loop_error = exc
-            raise
+    def step_locked(self) -> list:
+        outputs = self.engine.step()
+        callbacks = [(self._deliver[o.request_id], o) for o in outputs if o.request_id in self._deliver]
+        for o in outputs:
+            if o.finished:
+                self._deliver.pop(o.request_id, None)
+        return callbacks

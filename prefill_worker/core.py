@@ -13,11 +13,11 @@ A request's life on this worker, in order:
 """
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, InvalidStateError
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.loop import EngineLoop
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import Lease, Link, TransferError
@@ -35,18 +35,13 @@ def _settle(future: Future, result=None, error: BaseException | None = None) -> 
         pass
 
 
-class PrefillCore:
+class PrefillCore(EngineLoop):
     def __init__(self, config: EngineConfig, link: Link, engine: Engine | None = None,
                  send_timeout_s: float = 30.0):
-        self.engine = engine or Engine(config)
+        super().__init__(engine or Engine(config), "prefill-loop")
         self.sender = KVSender(link, send_timeout_s)
-        self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
         self._pending: dict[str, tuple[Transfer, Future]] = {}
-        self._stop = False
-        self.loop_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="prefill-loop")
-        self._thread.start()
+        self.start_loop()
 
     @property
     def queue_depth(self) -> int:
@@ -64,7 +59,7 @@ class PrefillCore:
             self.engine.add_request(prompt_token_ids, params, request_id=request_id,
                                     prefill_only=True, kv_sink=transfer.sink)
             self._pending[request_id] = (transfer, future)
-            self._wake.notify()
+            self.notify()
         return future
 
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -93,10 +88,7 @@ class PrefillCore:
                         send_seconds=s.send_seconds, prompt_tokens=e.stats.num_computed_tokens)
 
     def close(self) -> None:
-        with self.lock:
-            self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
+        self.stop_loop()
         self.sender.close()
 
     def _finish(self, out: RequestOutput) -> None:
@@ -120,17 +112,8 @@ class PrefillCore:
         transfer.add_done_callback(resolve)
         transfer.finish(first)
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self.lock:
-                    while not self._stop and not self.engine.has_unfinished:
-                        self._wake.wait(0.5)
-                    if self._stop:
-                        return
-                    for out in self.engine.step():
-                        if out.finished:
-                            self._finish(out)
-        except BaseException as exc:  # noqa: BLE001 - surfaced through stats/health
-            self.loop_error = exc
-            raise
+    def step_locked(self) -> list:
+        for out in self.engine.step():
+            if out.finished:
+                self._finish(out)
+        return []
