@@ -7,8 +7,9 @@ Workers are owned by this actor, so they die with it; when the controller restar
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class ServiceController:
         self.router = router_cls(self.pools, max_pending=r.max_pending_requests,
                                  request_timeout_s=r.request_timeout_s)
         self.server = None
+        self.health = None
         self.port = None
         self.metrics_port = None
         self.started_at = time.time()
@@ -54,9 +56,11 @@ class ServiceController:
         context = ray.get_runtime_context()
         if context.was_current_actor_reconstructed:
             # Restarted after a crash: its workers died with it. Serve again on the same
-            # address; the call is queued behind this constructor.
+            # address. Not from here: getting this actor's own handle can wait for the
+            # actor to be ALIVE, i.e. for this constructor to return.
             log.warning("controller restarted: deploying the pools again")
-            context.current_actor.start.remote()
+            threading.Thread(target=lambda: context.current_actor.start.remote(), daemon=True,
+                             name="redeploy").start()
 
     async def start(self) -> dict:
         """Deploys the pools, then opens the gRPC and metrics endpoints; returns status()."""
@@ -69,7 +73,7 @@ class ServiceController:
         tls = None
         if r.tls:
             tls = (Path(r.tls.key_file).read_bytes(), Path(r.tls.cert_file).read_bytes())
-        self.server, self.port, _ = await start_server(servicer, r.host, r.port,
+        self.server, self.port, self.health = await start_server(servicer, r.host, r.port,
                                                        api_keys=list(r.api_keys), tls=tls)
         self.metrics_port = self.metrics.serve(self.spec.metrics.host, self.spec.metrics.port)
         self._background_task = asyncio.ensure_future(self._background())
@@ -106,14 +110,46 @@ class ServiceController:
         await asyncio.gather(*(self.pools[name].scale_to(n) for name, n in replicas.items()))
         return await self.status()
 
-    async def shutdown(self, grace_s: float = 5.0) -> None:
+    async def shutdown(self, drain_timeout_s: float | None = None) -> dict:
+        """Graceful stop: health turns NOT_SERVING and new requests get UNAVAILABLE while
+        the streams in flight finish (up to router.drain_timeout_s); then the server and
+        the pools stop. Returns how many streams were drained and how many were cut."""
+        if self.router.draining:  # a second call (e.g. `down` after a signal)
+            return dict(drained=0, cut=0)
+        timeout = self.spec.router.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        in_flight = len(self.router.active)
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        left = await self.router.drain(timeout)  # pools keep being watched meanwhile
+        if left:
+            log.warning("shutdown: %d stream(s) still running after %.0f s; cutting them",
+                        left, timeout)
+        drained_at = time.monotonic()
+        blocks_in_use = await self._blocks_in_use(settle_s=0 if left else 5.0)
         self._stopping = True
         if self._background_task:
             self._background_task.cancel()
         if self.server is not None:
-            await self.server.stop(grace_s)
+            await self.server.stop(1.0)
         await asyncio.gather(*(pool.stop_all() for pool in self.pools.values()))
         self.metrics.close()
+        return dict(drained=in_flight - left, cut=left, blocks_in_use=blocks_in_use,
+                    reclaim_s=self._reclaimed_at - drained_at)
+
+    async def _blocks_in_use(self, settle_s: float) -> int:
+        """KV blocks (and pending transfers) still held on the workers, polled for up to
+        `settle_s` until 0: what a drained shutdown would leave behind."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            used = 0
+            for pool in self.pools.values():
+                await pool.refresh()
+                used += sum(s.get("kv_blocks_used", 0) + s.get("pending_transfers", 0)
+                            for s in pool.snapshot() if s.get("alive"))
+            self._reclaimed_at = time.monotonic()
+            if not used or self._reclaimed_at > deadline:
+                return used
+            await asyncio.sleep(0.05)
 
     async def ping(self) -> dict:
         return dict(serving=self.server is not None, pid=os.getpid())

@@ -113,7 +113,7 @@ def serve(spec: ClusterSpec, on_ready=None) -> None:
             on_ready(status)
         while not stop["now"]:
             time.sleep(0.2)
-        ray.get(controller.shutdown.remote(), timeout=60)
+        ray.get(controller.shutdown.remote(), timeout=spec.router.drain_timeout_s + 60)
     finally:
         try:
             state_path().unlink()

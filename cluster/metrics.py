@@ -96,6 +96,9 @@ class ServiceMetrics:
         self.messages_refused = Counter("pdserve_kv_messages_refused",
                                         "KV messages refused (stale token, bad header, no lease).",
                                         registry=r)
+        self.wire_garbage = Counter("pdserve_kv_wire_garbage_frames",
+                                    "KV link frames dropped as garbage (bad magic, version or CRC).",
+                                    registry=r)
         self.transfer_seconds = Histogram("pdserve_kv_transfer_seconds",
                                           "KV transfer time, lease to ready.",
                                           buckets=TRANSFER_BUCKETS, registry=r)
@@ -146,7 +149,8 @@ class ServiceMetrics:
         """One snapshot per live worker, as it reports itself: a plain dict with `pool` and
         `worker_id`; gauges queue_depth, running, kv_blocks_used, kv_blocks_total; cumulative
         counters prefix_cache_hits, prefix_cache_queries, bytes_sent, bytes_received,
-        transfers_failed, leases_expired, messages_refused, transfers_ready; transfer_seconds
+        transfers_failed, leases_expired, messages_refused, wire_garbage_frames, transfers_ready;
+        transfer_seconds
         (recent durations, newest last); optional incarnation (or pid: changes when it
         restarts). queue_depth falls back to `waiting`; other missing keys count as 0. A worker
         absent from the list, or with alive=False, is gone: its gauges are dropped."""
@@ -189,6 +193,7 @@ class ServiceMetrics:
         self.transfer_failures.labels(pool).inc(delta("transfers_failed"))
         self.leases_expired.inc(delta("leases_expired"))
         self.messages_refused.inc(delta("messages_refused"))
+        self.wire_garbage.inc(delta("wire_garbage_frames"))
         recent = list(snap.get("transfer_seconds", ()))
         # With a cumulative count, only the count's increase is new (the list is a ring of
         # recent durations); without one, the worker hands over only durations since its last report.

@@ -77,6 +77,8 @@ class RouterSpec(Checked):
     api_keys: tuple[str, ...] = spec_field((), text_list, secret=True)  # empty: no auth
     tls: TLSSpec | None = spec_field(None, optional(section(TLSSpec)))
     num_cpus: float = spec_field(0.5, number(0))  # Ray CPUs reserved for the router actor
+    # On shutdown: stop admitting, let in-flight streams finish for up to this long
+    drain_timeout_s: float = spec_field(30.0, number(0))
 
     @property
     def exposed(self) -> bool:

@@ -44,6 +44,7 @@ class DecodeStats:
     transfers_failed: int
     transfers_ready: int
     messages_refused: int
+    wire_garbage_frames: int
     steps: int
     generated_tokens: int
 
@@ -114,6 +115,7 @@ class DecodeCore(EngineLoop):
                 prefix_cache_queries=e.kv.pool.queries, bytes_received=rx.bytes_received,
                 leases_expired=rx.leases_expired, transfers_failed=rx.transfers_failed,
                 transfers_ready=rx.transfers_ready, messages_refused=rx.messages_refused,
+                wire_garbage_frames=getattr(self.receiver.listener, "garbage_frames", 0),
                 steps=e.stats.num_steps, generated_tokens=e.stats.num_generated_tokens)
 
     def close(self) -> None:

@@ -77,6 +77,9 @@ class LinkListener:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._port = 0
+        # Frames that failed the wire checks (bad magic/version/CRC, truncated): each one
+        # drops its connection and is counted here, never raised on the listener thread.
+        self.garbage_frames = 0
         self._thread = threading.Thread(target=self._run, args=(port,), daemon=True,
                                         name="ucx-link-listener")
         self._thread.start()
@@ -178,6 +181,7 @@ class LinkListener:
             conn.tag, raw = split_frame(conn.frame)
             conn.header = unpack(raw)
         except WireError as e:  # the stream cannot be trusted any more
+            self.garbage_frames += 1
             raise _ConnFailed(f"protocol error: {e}") from None
         except Exception as e:
             raise _ConnFailed(f"receiving a header: {describe(e)}") from None

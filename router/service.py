@@ -60,11 +60,16 @@ class Router:
         self.prefix_index = PrefixIndex()
         self.active: dict[str, Progress] = {}
         self.counts = dict(admitted=0, finished=0, failed=0, cancelled=0, rejected=0)
+        self.draining = False  # shutting down: refuse new requests, finish the admitted ones
         self._ids = itertools.count()
 
     # -- admission ---------------------------------------------------------------
 
     def admit(self, parsed: ParsedRequest) -> Progress:
+        if self.draining:
+            self.counts["rejected"] += 1
+            raise RouterError(StatusCode.UNAVAILABLE, "the server is shutting down and takes no "
+                              "new requests; retry on another replica or after it restarts")
         if len(self.active) >= self.max_pending:
             self.counts["rejected"] += 1
             raise RouterError(StatusCode.RESOURCE_EXHAUSTED,
@@ -81,6 +86,15 @@ class Router:
     def release(self, progress: Progress, outcome: str) -> None:
         if self.active.pop(progress.request_id, None) is not None:
             self.counts[outcome] += 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stops admitting and waits up to `timeout_s` for the admitted requests to end;
+        returns how many are still in flight (0: drained)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self.active)
 
     # -- picking a pair ----------------------------------------------------------
 

@@ -74,3 +74,16 @@ def deploy_service(ray_local):
     yield deploy
     for controller in started:
         stop(controller)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints the chaos suite's table (scenario, requests, lost, leaked, reclaim time)."""
+    from tests import chaos_report
+    if not chaos_report.ROWS:
+        return
+    table = chaos_report.render()
+    terminalreporter.write_sep("=", "chaos report")
+    terminalreporter.write_line(table)
+    if path := os.environ.get("PDSERVE_CHAOS_REPORT"):
+        with open(path, "w") as f:
+            f.write(table + "\n")

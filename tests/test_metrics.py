@@ -21,7 +21,7 @@ EXPECTED = {  # family name (as the parser reports it) -> type
     "pdserve_generation_tokens": "counter", "pdserve_requests_admitted": "counter",
     "pdserve_requests_rejected": "counter", "pdserve_kv_transfer_bytes": "counter",
     "pdserve_kv_transfer_failures": "counter", "pdserve_leases_expired": "counter",
-    "pdserve_kv_messages_refused": "counter",
+    "pdserve_kv_messages_refused": "counter", "pdserve_kv_wire_garbage_frames": "counter",
     "pdserve_queue_depth": "gauge", "pdserve_replicas": "gauge",
     "pdserve_kv_cache_usage_ratio": "gauge", "pdserve_kv_blocks_used": "gauge",
     "pdserve_prefix_cache_hit_rate": "gauge", "pdserve_requests_running": "gauge",
@@ -107,10 +107,12 @@ def test_worker_counters_add_deltas_and_survive_restarts():
     # A restart noticed by its incarnation even though the new count passed the old one.
     m.update_pools([worker(bytes_received=500, incarnation="b")])
     assert bytes_received() == 790
-    m.update_pools([worker(bytes_received=500, incarnation="b", transfers_failed=2, messages_refused=3)])
+    m.update_pools([worker(bytes_received=500, incarnation="b", transfers_failed=2, messages_refused=3,
+                           wire_garbage_frames=1)])
     assert bytes_received() == 790
     assert value(m, "pdserve_kv_transfer_failures_total", pool="decode") == 2
     assert value(m, "pdserve_kv_messages_refused_total") == 3
+    assert value(m, "pdserve_kv_wire_garbage_frames_total") == 1
 
 
 def test_transfer_seconds_observes_only_new_durations():

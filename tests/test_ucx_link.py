@@ -65,7 +65,7 @@ def _receiver_agent(pipe: Any, config: dict) -> None:
     emit("address", listener.address)
     while (command := pipe.recv()) != "stop":
         if command == "status":
-            emit("status", listener.alive, listener.num_connections)
+            emit("status", listener.alive, listener.num_connections, listener.garbage_frames)
     listener.close()
 
 
@@ -309,9 +309,15 @@ def test_missing_payload_times_out_and_fails_the_request(sender: Sender,
 
 def test_garbage_header_drops_only_that_connection(sender: Sender,
                                                    receiver: Receiver) -> None:
+    def garbage_frames() -> int:
+        receiver.pipe.send("status")
+        return receiver.wait_for(lambda e: e[0] == "status")[3]
+
+    before = garbage_frames()
     reply = sender.call("garbage", receiver.address)
     assert reply[:2] == ("error", "LinkPeerLost"), reply
     send_and_check(sender, receiver, rid="after-garbage", tokens=64, seed=9)
+    assert garbage_frames() == before + 1  # dropped with a count, not a crash
 
 
 def test_kill_sender_mid_stream(sender: Sender, receiver: Receiver, agents: dict) -> None:
