@@ -16,7 +16,6 @@ from the prompt plus the tokens already sent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -27,8 +26,7 @@ from engine.output_processor import RequestOutput
 from engine.sampling_params import InvalidRequestError
 from router.errors import RouterError, StatusCode
 from router.policy import DecodeView, NoPair, NoPairReason, PolicyWeights, decode_score
-from router.service import MAX_ATTEMPTS, Progress, Router
-from router.validation import ParsedRequest
+from router.service import AttemptFailed, Router
 
 log = logging.getLogger(__name__)
 
@@ -103,32 +101,10 @@ class ColocatedRouter(Router):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def generate(self, parsed: ParsedRequest, progress: Progress,
-                       deadline: float) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs; raises RouterError when it cannot be served."""
-        params = parsed.params
-        exclude: set[str] = set()
-        for attempt in range(MAX_ATTEMPTS):
-            tokens = progress.prompt + progress.sent
-            remaining = params.max_tokens - len(progress.sent)
-            attempt_params = dataclasses.replace(params, max_tokens=remaining)
-            worker = await self.pick(tokens, deadline, exclude)
-            progress.started_at = progress.started_at or time.monotonic()
-            rid = f"{progress.request_id}#{attempt}" if attempt else progress.request_id
-            try:
-                async for out in self._run_worker(rid, tokens, attempt_params, worker, deadline):
-                    progress.sent += out.new_token_ids
-                    if out.new_token_ids and progress.first_token_at is None:
-                        progress.first_token_at = time.monotonic()
-                        progress.cached_tokens = out.num_cached_tokens
-                    yield out
-                    if out.finished:
-                        return
-            except _WorkerFailed as failure:
-                log.warning("request %s: %s; retrying on another worker", rid, failure)
-                exclude.add(worker.worker_id)
-        raise RouterError(StatusCode.UNAVAILABLE,
-                          f"request {progress.request_id!r} failed on {MAX_ATTEMPTS} workers")
+    async def _begin(self, rid: str, tokens: list[int], params, deadline: float,
+                     exclude: set[str]) -> AsyncIterator[RequestOutput]:
+        worker = await self.pick(tokens, deadline, exclude)
+        return self._run_worker(rid, tokens, params, worker, deadline)
 
     async def _run_worker(self, rid: str, tokens: list[int], params, worker, deadline: float):
         blocks = -(-len(tokens) // worker.info.get("block_size", 16))
@@ -145,12 +121,13 @@ class ColocatedRouter(Router):
                 yield out
         except ray.exceptions.RayActorError as exc:
             self.pool.mark_dead(worker)
-            raise _WorkerFailed(f"worker {worker.worker_id} died: {exc}") from None
+            raise AttemptFailed(worker.worker_id, f"worker {worker.worker_id} died: {exc}") from None
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, InvalidRequestError):  # the engine refused the prompt itself
                 raise RouterError(StatusCode.INVALID_ARGUMENT, str(cause)) from None
-            raise _WorkerFailed(f"worker {worker.worker_id} failed: {cause or exc}") from None
+            raise AttemptFailed(worker.worker_id,
+                                f"worker {worker.worker_id} failed: {cause or exc}") from None
         finally:
             worker.inflight -= 1
             if not finished:  # cancelled, failed or deadline: free the worker's blocks now
@@ -158,6 +135,3 @@ class ColocatedRouter(Router):
                 if worker.alive:
                     worker.actor.cancel.remote(rid)
 
-
-class _WorkerFailed(Exception):
-    pass

@@ -152,19 +152,20 @@ class Router:
 
     async def generate(self, parsed: ParsedRequest, progress: Progress,
                        deadline: float) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs; raises RouterError when it cannot be served."""
+        """Yields the request's outputs; raises RouterError when it cannot be served.
+        An attempt that fails resumes on other workers from the prompt plus the tokens
+        already sent, so the client sees no token twice and none skipped."""
         params = parsed.params
         exclude: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
             tokens = progress.prompt + progress.sent
             remaining = params.max_tokens - len(progress.sent)
             attempt_params = dataclasses.replace(params, max_tokens=remaining)
-            prefill, decode, _ = await self.pick(tokens, deadline, exclude)
-            progress.started_at = progress.started_at or time.monotonic()
             rid = f"{progress.request_id}#{attempt}" if attempt else progress.request_id
+            outputs = await self._begin(rid, tokens, attempt_params, deadline, exclude)
+            progress.started_at = progress.started_at or time.monotonic()
             try:
-                async for out in self._run_pair(rid, tokens, attempt_params, prefill, decode,
-                                                deadline):
+                async for out in outputs:
                     progress.sent += out.new_token_ids
                     if out.new_token_ids and progress.first_token_at is None:
                         progress.first_token_at = time.monotonic()
@@ -172,21 +173,26 @@ class Router:
                     yield out
                     if out.finished:
                         return
-            except _PairFailed as failure:
-                log.warning("request %s: %s; retrying on another pair", rid, failure)
+            except AttemptFailed as failure:
+                log.warning("request %s: %s; retrying elsewhere", rid, failure)
                 exclude.add(failure.worker_id)
-                continue
         raise RouterError(StatusCode.UNAVAILABLE,
-                          f"request {progress.request_id!r} failed on {MAX_ATTEMPTS} worker pairs")
+                          f"request {progress.request_id!r} failed on {MAX_ATTEMPTS} attempts")
+
+    async def _begin(self, rid: str, tokens: list[int], params, deadline: float,
+                     exclude: set[str]) -> AsyncIterator[RequestOutput]:
+        """Picks where this attempt runs (waiting for room) and returns its outputs."""
+        prefill, decode, _ = await self.pick(tokens, deadline, exclude)
+        return self._run_pair(rid, tokens, params, prefill, decode, deadline)
 
     async def _run_pair(self, rid: str, tokens: list[int], params, prefill, decode, deadline):
         try:
             lease = await decode.actor.reserve.remote(rid, len(tokens))
         except ray.exceptions.RayActorError as exc:
             self.pools["decode"].mark_dead(decode)
-            raise _PairFailed(decode.worker_id, f"decode worker died: {exc}") from None
+            raise AttemptFailed(decode.worker_id, f"decode worker died: {exc}") from None
         except Exception as exc:  # no room after all (views lag): try again, maybe elsewhere
-            raise _PairFailed(decode.worker_id, f"reserve failed: {exc}") from None
+            raise AttemptFailed(decode.worker_id, f"reserve failed: {exc}") from None
         # the lease's blocks are taken now: reflect it before the next refresh
         decode.stats["kv_blocks_used"] = decode.stats.get("kv_blocks_used", 0) + len(lease.block_ids)
         prefill.inflight += 1
@@ -204,11 +210,11 @@ class Router:
                 yield out
         except ray.exceptions.RayActorError as exc:
             self.pools["decode"].mark_dead(decode)
-            raise _PairFailed(decode.worker_id, f"decode worker died: {exc}") from None
+            raise AttemptFailed(decode.worker_id, f"decode worker died: {exc}") from None
         except ray.exceptions.RayTaskError as exc:
             failed = await watcher
             culprit = prefill.worker_id if failed else decode.worker_id
-            raise _PairFailed(culprit, f"{exc.cause if hasattr(exc, 'cause') else exc}") from None
+            raise AttemptFailed(culprit, f"{exc.cause if hasattr(exc, 'cause') else exc}") from None
         finally:
             prefill.inflight -= 1
             decode.inflight -= 1
@@ -237,7 +243,10 @@ class Router:
         return True
 
 
-class _PairFailed(Exception):
+class AttemptFailed(Exception):
+    """An attempt failed for a reason another worker may not have; `worker_id` is the
+    worker to avoid on the next attempt."""
+
     def __init__(self, worker_id: str, message: str):
         super().__init__(message)
         self.worker_id = worker_id
