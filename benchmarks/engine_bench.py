@@ -14,8 +14,11 @@ From one run on this machine (default model, fp32, CPU, torch's thread count eve
 Process CPU seconds of the offline runs are reported too (cpu_time_ratio_vs_hf): on a
 shared box they are steadier than wall time. PDSERVE_BENCH_THREADS overrides the thread count.
 HF and the peers run as subprocesses, one at a time, after pdserve's engine is freed.
-`--quick` shrinks everything (8 prompts x 16 tokens, prefill 256). PDSERVE_BENCH_PEERS=0 (or
-args.no_peers) skips the peers. With --json the last line printed is one JSON object.
+`--quick` shrinks everything (8 prompts x 16 tokens, prefill 256); PDSERVE_BENCH_SIZES=
+quick|medium|full picks the sizes instead (medium, as `pdserve bench serve` runs it: 16
+prompts x 64 tokens, prefill 512). PDSERVE_BENCH_PEERS=0 (or args.no_peers) skips the peers;
+a comma-separated list of names (vllm_cpu, llama_cpp) runs only those.
+With --json the last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ FULL = dict(num_prompts=64, prompt_len=(120, 136), max_tokens=128, single_prompt
             single_tokens=128, prefill_lens=(512, 2048), repeats=2)
 QUICK = dict(num_prompts=8, prompt_len=(24, 40), max_tokens=16, single_prompt_len=16,
              single_tokens=16, prefill_lens=(256,), repeats=1)
+# what `pdserve bench serve` runs after its layouts: about a minute here
+MEDIUM = dict(num_prompts=16, prompt_len=(120, 136), max_tokens=64, single_prompt_len=32,
+              single_tokens=64, prefill_lens=(512,), repeats=1)
+SIZES = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
 
 
 def log(msg: str) -> None:
@@ -97,10 +104,24 @@ def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
     return {"offline": offline, "single": single, "prefill": prefill}
 
 
+PEER_ALIASES = {"vllm": "vllm_cpu", "llamacpp": "llama_cpp", "llama.cpp": "llama_cpp"}
+
+
 def peers_wanted(args) -> bool:
     if getattr(args, "no_peers", False):
         return False
     return os.environ.get("PDSERVE_BENCH_PEERS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def peer_wanted(args, name: str) -> bool:
+    """PDSERVE_BENCH_PEERS: 1/all (default) every built peer, 0 none, or a list of names."""
+    if not peers_wanted(args):
+        return False
+    value = os.environ.get("PDSERVE_BENCH_PEERS", "1").strip().lower()
+    if value in ("", "1", "true", "yes", "on", "all"):
+        return True
+    names = {PEER_ALIASES.get(n.strip(), n.strip()) for n in value.split(",")}
+    return name in names
 
 
 def main(args) -> int:
@@ -109,7 +130,11 @@ def main(args) -> int:
     from engine.loader import default_gguf_path, load_tokenizer, resolve_model_dir
 
     quick = bool(getattr(args, "quick", False))
-    sizes = dict(QUICK if quick else FULL)
+    sizes_name = os.environ.get("PDSERVE_BENCH_SIZES", "").strip().lower() or (
+        "quick" if quick else "full")
+    if sizes_name not in SIZES:
+        raise ValueError(f"PDSERVE_BENCH_SIZES={sizes_name!r}: expected one of {', '.join(SIZES)}")
+    sizes, quick = dict(SIZES[sizes_name]), sizes_name == "quick"
     threads = int(os.environ.get("PDSERVE_BENCH_THREADS") or torch.get_num_threads())
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
@@ -162,6 +187,9 @@ def main(args) -> int:
              str(default_gguf_path()), [], 900),
         ]
         for name, runner, venv, script, model, extra, timeout in runners:
+            if not peer_wanted(args, name):
+                log(f"peer {name}: skipped (PDSERVE_BENCH_PEERS)")
+                continue
             if not (venv / ".installed").exists() or not (venv / "bin" / "python").exists():
                 log(f"peer {name}: not built (make peers)")
                 continue
@@ -181,6 +209,7 @@ def main(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = summarize(ours, hf, peers, bw, bandwidth, weight_bytes, sizes, threads, quick,
                        load_start, work if failed else None)
+    result["sizes_name"] = sizes_name
     print(render(result))
     if getattr(args, "json", False):
         print(json.dumps(result))
@@ -269,7 +298,8 @@ def render(r: dict) -> str:
         rows.append(row(f"prefill {n} tok/s", v, r["hf_prefill_tokens_per_s"].get(n),
                         _tps(vl, "prefill", n, "tokens_per_s"), _tps(lc, "prefill", n, "tokens_per_s")))
     title = (f"pdserve bench engine: {r['model']} {r['dtype']} on {r['device']}, {r['threads']} threads"
-             f"{' (quick)' if r['quick'] else ''}; load avg {r['load1_start']} at start, "
+             f"{'' if r.get('sizes_name', 'full') == 'full' else ' (' + r['sizes_name'] + ' sizes)'}"
+             f"; load avg {r['load1_start']} at start, "
              f"{r['load1_end']} at end")
     lines = [title, "", table(rows, cols), ""]
     lines.append(f"throughput_ratio_vs_hf        {fmt(r['throughput_ratio_vs_hf'], 2)}   (goal >= 2; "

@@ -12,6 +12,9 @@ Definitions (times measured by the client, from the moment it sends the request)
     cost per million output tokens
                 cost_per_hour / (output tokens/s * 3600) * 1e6; "at SLO" counts only the
                 output tokens of the requests that met the SLOs
+    decode interference
+                p99 TPOT of a steady decode stream with long prompts arriving among it over
+                the same stream alone (only the stream's requests count); 1.0: unaffected
 Percentiles interpolate linearly between order statistics (numpy's default).
 """
 from __future__ import annotations
@@ -143,3 +146,22 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
     return a / b
+
+
+def interference(alone: Sequence[RequestRecord], with_long: Sequence[RequestRecord]) -> dict:
+    """The decode stream's TPOT and ITL, alone and with long prompts among it, and their
+    ratios (with / alone). Pass the stream's records only."""
+    def figures(records: Sequence[RequestRecord]) -> tuple[dict, dict]:
+        ok = [r for r in records if r.ok]
+        return distribution(r.tpot_s for r in ok), distribution(x for r in ok for x in r.itls_s)
+
+    (tpot_a, itl_a), (tpot_b, itl_b) = figures(alone), figures(with_long)
+    out: dict = {}
+    for name, a, b in (("tpot_p99", tpot_a["p99"], tpot_b["p99"]),
+                       ("tpot_p50", tpot_a["p50"], tpot_b["p50"]),
+                       ("itl_p99", itl_a["p99"], itl_b["p99"])):
+        out[f"{name}_alone"], out[f"{name}_with_long_prompts"] = a, b
+        out[f"{name}_interference"] = ratio(b, a)
+    out["stream_failed"] = {"alone": sum(not r.ok for r in alone),
+                            "with_long_prompts": sum(not r.ok for r in with_long)}
+    return out

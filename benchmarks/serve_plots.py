@@ -1,4 +1,5 @@
-"""PNG plots of `pdserve bench serve`: latency CDFs per workload and goodput vs offered rate."""
+"""PNG plots of `pdserve bench serve`: latency CDFs per workload, goodput vs offered rate, and
+the decode stream's TPOT and ITL with and without long prompts among it."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -80,6 +81,37 @@ def goodput_vs_rate(path: Path, curves: Mapping[str, Mapping[str, Sequence[tuple
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"goodput vs offered load ({slo_text})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def interference_cdfs(path: Path, series: Mapping[str, Mapping[str, Sequence[RequestRecord]]],
+                      tpot_slo_s: float | None = None) -> Path:
+    """series: layout -> phase ("alone", "with long prompts") -> the decode stream's records.
+    Two panels (TPOT, ITL); a color per layout, solid alone, dashed with long prompts."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for ax, (metric, label) in zip(axes, (("tpot_s", "TPOT (s)"), ("itl_s", "ITL (s)"))):
+        for layout, phases in series.items():
+            for k, (phase, records) in enumerate(phases.items()):
+                xs = _values(records, metric)
+                if xs:
+                    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                    ax.step(xs, ys, where="post", label=f"{layout}, {phase}",
+                            color=LAYOUT_COLORS.get(layout),
+                            linestyle=LINESTYLES[k % len(LINESTYLES)])
+        if metric == "tpot_s" and tpot_slo_s is not None:
+            ax.axvline(tpot_slo_s, color="grey", linestyle="--", linewidth=1, label="SLO")
+        if metric == "itl_s":
+            ax.set_xscale("log")  # a prefill stall is one gap tens of times the others
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of requests (ITL: of gaps)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("decode stream: alone vs with long prompts arriving")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

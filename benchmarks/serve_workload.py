@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -89,6 +89,31 @@ QUICK = {
 
 
 @dataclass(frozen=True)
+class Interference:
+    """The decode-interference scenario: a steady decode stream (short prompts, long outputs)
+    measured alone, then again with `long_count` long prompts (short outputs) arriving among
+    it, evenly spread over the stream's arrival window. Only the stream's requests count."""
+    name: str
+    stream: Workload  # its rates[0] is the stream's rate, num_requests its size
+    long: Workload  # the long prompts; its num_requests is how many arrive
+    long_start_s: float = 2.0  # no long prompt before this offset: let the stream fill up
+
+    @property
+    def stream_rate(self) -> float:
+        return self.stream.rates[0]
+
+
+INTERFERENCE = Interference(
+    "interference",
+    _w("interference-stream", "uniform:32:64", "96", (1.0,), 16),
+    _w("interference-long", "uniform:1024:2048", "4", (1.0,), 3))
+INTERFERENCE_QUICK = Interference(
+    "interference",
+    _w("interference-stream", "uniform:16:32", "24", (2.0,), 4),
+    _w("interference-long", "uniform:384:512", "2", (1.0,), 2), long_start_s=0.25)
+
+
+@dataclass(frozen=True)
 class BenchRequest:
     index: int
     send_at: float  # seconds after the run starts
@@ -161,3 +186,20 @@ def make_requests(workload: Workload, rate: float, seed: int, num_requests: int 
             ids = tuple(int(t) for t in rng.integers(lo, hi, size=plen))
             out.append(BenchRequest(i, at, plen, olen, prompt_token_ids=ids))
     return out
+
+
+def make_interference_requests(scenario: Interference, seed: int, with_long: bool,
+                               num_stream: int | None = None, text: bool = False
+                               ) -> tuple[list[BenchRequest], int]:
+    """Returns (requests, n): the stream's n requests, indices 0..n-1 and the same with or
+    without the long prompts, then (with_long) the long prompts, indices n.., sent at evenly
+    spaced offsets between long_start_s and the stream's last arrival."""
+    stream = make_requests(scenario.stream, scenario.stream_rate, seed, num_stream, text=text)
+    n = len(stream)
+    if not with_long:
+        return stream, n
+    longs = make_requests(scenario.long, scenario.long.rates[0], seed, text=text)
+    start = scenario.long_start_s
+    span = max(0.0, stream[-1].send_at - start)
+    return stream + [replace(r, index=n + j, send_at=start + span * (j + 0.5) / len(longs))
+                     for j, r in enumerate(longs)], n
