@@ -6,8 +6,12 @@ chunks of prefilling requests, one contiguous run per request.
 
 Every layer first writes the new K/V into the paged cache at `slot_mapping`, then
 reads the context back through block tables. Decode tokens are attended in one
-batched call over their block tables padded to the longest context (masked);
-prefill chunks are attended one request at a time, which is few calls per step.
+batched call: on CPU (float32/bfloat16/float16) by the fused paged kernel of
+engine/kernels/paged_decode.py, which reads K/V in place through the block tables up to
+each request's context length; otherwise (CUDA, other dtypes, the kernel failed to build,
+or PDSERVE_ATTENTION=sdpa) by gathering the blocks into a copy padded to the longest
+context and one masked SDPA call. Prefill chunks are attended one request at a time,
+which is few calls per step.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine.kernels import paged_decode
 
 
 @dataclass
@@ -31,8 +37,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long, where each new token's K/V goes
     num_decode: int
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] long (padded with 0)
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    # [num_decode, 1, 1, max_blocks * block_size] bool; only for the SDPA path (None with the kernel)
+    decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]
+    decode_context_lens: torch.Tensor | None = None  # [num_decode] long, tokens each decode attends
+    decode_kernel: bool = False  # decode through the fused paged kernel (see decode_kernel_enabled)
+
+
+def decode_kernel_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode attention over a KV cache of this device/dtype uses the fused kernel.
+
+    Builds the kernel on the first call in a process (seconds; cached on disk after the first
+    build); False when it cannot be built or PDSERVE_ATTENTION=sdpa."""
+    return (torch.device(device).type == "cpu" and dtype in paged_decode.SUPPORTED_DTYPES
+            and paged_decode.available())
 
 
 def causal_mask(length: int, context: int, device: torch.device) -> torch.Tensor:
@@ -51,7 +69,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if nd:
+    if nd and meta.decode_kernel:
+        dst = out[:nd]
+        if dst.is_contiguous():
+            paged_decode.paged_decode_attention(q[:nd], kv_layer, meta.decode_block_tables,
+                                                meta.decode_context_lens, scale, out=dst)
+        else:
+            dst.copy_(paged_decode.paged_decode_attention(
+                q[:nd], kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale))
+    elif nd:
         # [nd, max_blocks, block_size, KV, D] -> [nd, KV, S, D]
         keys = kv_layer[0][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
         values = kv_layer[1][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)

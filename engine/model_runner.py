@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillChunk, causal_mask
+from engine.attention import AttentionMetadata, PrefillChunk, causal_mask, decode_kernel_enabled
 from engine.kv_cache import KVCache
 from engine.models.llama import LlamaModel
 from engine.scheduler import ScheduledRequest
@@ -32,6 +32,9 @@ class ModelRunner:
         self.model = model
         self.kv = kv_cache
         self.device = device
+        # Decode attention through the fused paged kernel (CPU) or masked SDPA; decided (and the
+        # kernel built, if need be) once, when the engine is created rather than mid-request.
+        self.decode_kernel = decode_kernel_enabled(device, kv_cache.dtype)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         bs = self.kv.block_size
@@ -52,16 +55,17 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
 
         nd = len(decodes)
-        decode_tables = decode_mask = None
+        decode_tables = decode_mask = ctx = None
         if nd:
             contexts = [s.request.num_computed_tokens + 1 for s in decodes]
             max_blocks = self.kv.blocks_for(max(contexts))
             rows = [s.request.block_ids[:max_blocks] for s in decodes]
             padded = [row + [0] * (max_blocks - len(row)) for row in rows]
             decode_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-            ctx = torch.tensor(contexts, device=self.device)
-            key_pos = torch.arange(max_blocks * bs, device=self.device)
-            decode_mask = (key_pos[None, :] < ctx[:, None]).view(nd, 1, 1, -1)
+            ctx = torch.tensor(contexts, dtype=torch.long, device=self.device)
+            if not self.decode_kernel:  # the kernel stops at each context length: no mask
+                key_pos = torch.arange(max_blocks * bs, device=self.device)
+                decode_mask = (key_pos[None, :] < ctx[:, None]).view(nd, 1, 1, -1)
 
         chunks = []
         for item, start in zip(prefills, starts[nd:]):
@@ -78,7 +82,8 @@ class ModelRunner:
         sampled = [(item, start + item.num_new_tokens - 1)
                    for item, start in zip(ordered, starts) if item.samples]
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = AttentionMetadata(as_long(slots), nd, decode_tables, decode_mask, chunks)
+        meta = AttentionMetadata(as_long(slots), nd, decode_tables, decode_mask, chunks,
+                                 decode_context_lens=ctx, decode_kernel=self.decode_kernel and nd > 0)
         return StepInputs(as_long(ids), as_long(positions), meta, ordered, starts,
                           as_long([row for _, row in sampled]), [item for item, _ in sampled])
 

@@ -1,0 +1,170 @@
+"""Fused paged decode attention on CPU (C++ in paged_decode.cpp, compiled on first use).
+
+`paged_decode_attention(q, kv_layer, block_tables, context_lens, scale)` attends one query
+token per request to the first `context_lens[n]` positions of its paged context, reading K/V in
+place from the cache layer through the block table (no gathered copy, no mask) with an online
+softmax, each kv head with its GQA group of query heads. float32, bfloat16 and float16
+(accumulated in fp32); CPU only. It follows torch's intra-op thread count.
+
+`available()` builds the extension once per process (torch.utils.cpp_extension with ninja and
+the C++ compiler, -O3 -march=native -fopenmp, about 15 s; then cached on disk in torch's
+extensions directory, ~/.cache/torch_extensions/, or TORCH_EXTENSIONS_DIR) and caches the answer;
+any failure (no compiler, no ninja, a compile error) logs one warning and returns False so that
+callers keep the SDPA path. PDSERVE_ATTENTION=sdpa makes it return False without building.
+PDSERVE_KERNEL_CFLAGS adds compiler flags (e.g. -march=x86-64-v3 for a binary that other
+machines sharing the cache can run).
+
+The build directory is named after this CPU's feature flags, the flags and the torch version,
+so a cache shared by different machines never loads code built for another instruction set.
+Concurrent first builds (Ray workers starting together) are serialised by an flock on a file
+beside the build directory, which the kernel releases if its holder dies; torch's own lock
+file, which a killed builder leaves behind and on which later builders would wait forever, is
+removed under it.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("PDSERVE_KERNEL_CFLAGS", "").split()
+LDFLAGS = ["-fopenmp"]
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BUILD_LOCK_TIMEOUT_S = 900.0
+
+_state: dict = {"ok": None, "error": None, "build_s": None}
+_lock = threading.Lock()
+
+
+def _cpu_tag() -> str:
+    """Short hash of what the binary depends on: ISA flags, compiler flags, torch version."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        flags = platform.processor()
+    key = "|".join([platform.machine(), flags, " ".join(CFLAGS), torch.__version__])
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _extension_name() -> str:
+    return f"pdserve_paged_decode_{_cpu_tag()}"
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; a venv's pip-installed ninja is not on it unless activated."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # type: ignore[import-not-found]
+        candidates.append(Path(ninja.BIN_DIR))
+    except Exception:  # noqa: BLE001 - the package is optional
+        pass
+    for d in candidates:
+        if (d / "ninja").exists():
+            os.environ["PATH"] = f"{os.environ.get('PATH', '')}{os.pathsep}{d}"
+            return
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    _ensure_ninja_on_path()
+    name = _extension_name()
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    lock_path = build_dir.with_name(build_dir.name + ".flock")
+    with open(lock_path, "a") as lock:
+        deadline = time.monotonic() + BUILD_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process holds {lock_path}") from None
+                time.sleep(0.1)
+        try:
+            # Only flock holders build here, so a torch lock file now is a dead builder's.
+            stale = build_dir / "lock"
+            if stale.exists():
+                stale.unlink()
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                               extra_ldflags=LDFLAGS, build_directory=str(build_dir),
+                               is_python_module=False, verbose=False)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    op = torch.ops.pdserve.paged_decode_attention
+    # Smoke test: one request, one block, against the plain formula (own generator: the
+    # global RNG's state is the caller's).
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 8, generator=gen)
+    kv = torch.randn(2, 2, 4, 1, 8, generator=gen)
+    out = torch.empty_like(q)
+    op(out, q, kv, torch.tensor([[1]], dtype=torch.int32), torch.tensor([3]), 0.5)
+    keys, values = kv[0, 1, :3, 0], kv[1, 1, :3, 0]
+    want = torch.softmax(q[0] @ keys.T * 0.5, dim=-1) @ values
+    if not torch.allclose(out[0], want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the compiled kernel fails its smoke test")
+
+
+def forced_off() -> bool:
+    return os.environ.get("PDSERVE_ATTENTION", "").strip().lower() == "sdpa"
+
+
+def available() -> bool:
+    """Builds and loads the kernel once per process; False (with one warning) if it cannot."""
+    if forced_off():
+        return False
+    if _state["ok"] is not None:
+        return _state["ok"]
+    with _lock:
+        if _state["ok"] is not None:
+            return _state["ok"]
+        t = time.perf_counter()
+        try:
+            _build()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
+            _state["ok"] = False
+            _state["error"] = f"{type(e).__name__}: {e}"
+            log.warning("paged decode attention kernel unavailable, using SDPA (%s)",
+                        _state["error"].splitlines()[0][:500])
+            log.debug("paged decode kernel build failure", exc_info=True)
+        _state["build_s"] = time.perf_counter() - t
+    return _state["ok"]
+
+
+def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [N, H, D], kv_layer [2, num_blocks, block_size, KV, D], block_tables [N, max_blocks]
+    int32/int64, context_lens [N] int32/int64 -> [N, H, D] (written into `out` if given, which
+    must be contiguous). Block table entries past a request's context are never read."""
+    if not _state["ok"] and not available():
+        raise RuntimeError(f"paged decode kernel unavailable: {_state['error'] or 'PDSERVE_ATTENTION=sdpa'}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    torch.ops.pdserve.paged_decode_attention(out, q, kv_layer, block_tables, context_lens, scale)
+    return out
+
+
+def build_seconds() -> float | None:
+    """Wall seconds the first available() took in this process (build or cache load)."""
+    return _state["build_s"]
