@@ -24,6 +24,7 @@ from engine.output_processor import OutputProcessor, RequestOutput
 from engine.request import FinishReason, KVSink, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState, make_generator, skip_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.runtime import keep_freed_memory
 from engine.scheduler import Scheduler
 
 
@@ -67,6 +68,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.model_dir = resolve_model_dir(config.model)
         self.model_config = load_model_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)

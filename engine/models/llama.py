@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) over a flat token batch with a paged KV cache.
 
-Weights are fused at load time so a layer is five matmuls: QKV, output, gate+up,
-down, and (once per step) the LM head over only the rows that are sampled.
+Weights are fused at load time so a layer is four matmuls: QKV, output, gate+up and down;
+then, once per step, the LM head over only the rows that are sampled. Each is an
+engine.kernels.linear.Linear, which picks its CPU path by the step's row count.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.kernels import paged_decode
+from engine.kernels.linear import Linear
 
 LayerHook = Callable[[int], None]  # called with the layer index once its K/V is in the cache
 
@@ -43,13 +44,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaLayer:
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, has_bias: bool):
         w = lambda name: weights[prefix + name]  # noqa: E731
-        self.qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-                              w("self_attn.v_proj.weight")])
-        self.qkv_bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"),
-                                   w("self_attn.v_proj.bias")]) if has_bias else None
-        self.o_proj = w("self_attn.o_proj.weight")
-        self.gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
-        self.down = w("mlp.down_proj.weight")
+        qkv_bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"),
+                              w("self_attn.v_proj.bias")]) if has_bias else None
+        self.qkv = Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+                                     w("self_attn.v_proj.weight")]), qkv_bias)
+        self.o_proj = Linear(w("self_attn.o_proj.weight"))
+        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
+        self.down = Linear(w("mlp.down_proj.weight"))
         self.input_norm = w("input_layernorm.weight")
         self.post_norm = w("post_attention_layernorm.weight")
 
@@ -60,7 +61,7 @@ class LlamaModel:
         self.config = config
         weights = {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
         self.embed = weights["model.embed_tokens.weight"]
-        self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else weights["lm_head.weight"])
         self.norm = weights["model.norm.weight"]
         self.layers = [LlamaLayer(weights, f"model.layers.{i}.", config.attention_bias)
                        for i in range(config.num_layers)]
@@ -71,18 +72,13 @@ class LlamaModel:
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_pos, D/2]
         self.cos = angles.cos().to(device=device, dtype=torch.float32)
         self.sin = angles.sin().to(device=device, dtype=torch.float32)
-        # Batch-1 steps stream every weight once: on CPU in float32 the gemv kernel does that
-        # 2-4x faster than torch's matmul (engine/kernels/gemv.cpp); else plain F.linear.
-        self.linear = (paged_decode.linear if torch.device(device).type == "cpu"
-                       and dtype == torch.float32 and paged_decode.available() else F.linear)
 
     def weight_bytes(self) -> int:
         """Bytes of weights read by one forward step (the LM head once, even when tied)."""
-        tensors = [self.lm_head, self.norm]
-        for layer in self.layers:
-            tensors += [layer.qkv, layer.o_proj, layer.gate_up, layer.down, layer.input_norm,
-                        layer.post_norm]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        norms = [self.norm] + [n for layer in self.layers for n in (layer.input_norm, layer.post_norm)]
+        linears = [self.lm_head] + [lin for layer in self.layers
+                                    for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return sum(t.numel() * t.element_size() for t in norms) + sum(lin.nbytes() for lin in linears)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, layer_hook: LayerHook | None = None) -> torch.Tensor:
@@ -95,7 +91,7 @@ class LlamaModel:
         num_tokens = input_ids.shape[0]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.input_norm, eps)
-            qkv = self.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
             k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
@@ -103,12 +99,12 @@ class LlamaModel:
             attn = paged_attention(q, k, v, kv_cache[i], meta, self.scale)
             if layer_hook is not None:
                 layer_hook(i)
-            hidden = hidden + self.linear(attn.view(num_tokens, self.q_size), layer.o_proj)
+            hidden = hidden + layer.o_proj(attn.view(num_tokens, self.q_size))
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.post_norm, eps)
-            gate, up = self.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + self.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
         return F.rms_norm(hidden, (cfg.hidden_size,), self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return self.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
