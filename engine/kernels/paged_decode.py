@@ -7,7 +7,8 @@ softmax, each kv head with its GQA group of query heads. float32, bfloat16 and f
 (accumulated in fp32); CPU only. It follows torch's intra-op thread count.
 
 The same extension carries `gemv` (gemv.cpp): the batch-1 float32 linear that `linear()` uses
-for single-row inputs, streaming weights at 2-4x torch's one-row matmul.
+for single-row inputs, streaming weights at 2-4x torch's one-row matmul; and the fused float32
+residual-add + RMSNorm and in-place RoPE of fused_ops.cpp (`add_rms_norm`, `rope_`).
 
 `available()` builds the extension once per process (torch.utils.cpp_extension with ninja and
 the C++ compiler, -O3 -march=native -fopenmp, about 15 s; then cached on disk in torch's
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.cpp")
-SOURCES = [SOURCE, Path(__file__).with_name("gemv.cpp")]  # one extension, both ops
+SOURCES = [SOURCE] + [Path(__file__).with_name(f) for f in ("gemv.cpp", "fused_ops.cpp")]  # one extension
 CFLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("PDSERVE_KERNEL_CFLAGS", "").split()
 LDFLAGS = ["-fopenmp"]
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -181,6 +182,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         torch.ops.pdserve.gemv(out, x.contiguous(), weight)
         return out if bias is None else out.add_(bias)
     return F.linear(x, weight, bias)
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """residual [T, H] += delta (in place, if given); returns RMSNorm(residual) * weight [T, H].
+    float32, contiguous; callers check `available()` once."""
+    out = torch.empty_like(residual)
+    torch.ops.pdserve.add_rms_norm(out, residual, delta, weight, eps)
+    return out
+
+
+def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          num_heads: int, head_dim: int) -> None:
+    """Rotates, in place, the first `num_heads` heads of each row of qkv [T, >= num_heads *
+    head_dim] (the Q then K heads of a fused QKV output) by cos/sin [max_pos, head_dim / 2]
+    at `positions` [T] int64; the HF rotate-half layout. float32."""
+    torch.ops.pdserve.rope_(qkv, positions, cos, sin, num_heads, head_dim)
 
 
 def build_seconds() -> float | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
+from engine.kernels import paged_decode
 from engine.kernels.linear import Linear
 
 LayerHook = Callable[[int], None]  # called with the layer index once its K/V is in the cache
@@ -72,6 +73,9 @@ class LlamaModel:
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_pos, D/2]
         self.cos = angles.cos().to(device=device, dtype=torch.float32)
         self.sin = angles.sin().to(device=device, dtype=torch.float32)
+        # float32 on CPU: residual add + RMSNorm and RoPE as one C++ op each (fused_ops.cpp).
+        self.fused = (torch.device(device).type == "cpu" and dtype == torch.float32
+                      and paged_decode.available())
 
     def weight_bytes(self) -> int:
         """Bytes of weights read by one forward step (the LM head once, even when tied)."""
@@ -84,27 +88,65 @@ class LlamaModel:
                 meta: AttentionMetadata, layer_hook: LayerHook | None = None) -> torch.Tensor:
         """input_ids/positions [T] -> final hidden states [T, hidden]."""
         cfg = self.config
-        eps = cfg.rms_norm_eps
-        hidden = self.embed[input_ids]  # [T, hidden]
-        cos = self.cos[positions].unsqueeze(1).to(hidden.dtype)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1).to(hidden.dtype)
+        ops = (_FusedOps if self.fused else _TorchOps)(self, positions)
         num_tokens = input_ids.shape[0]
+        hidden = self.embed[input_ids]  # [T, hidden]: a copy, the residual stream, added to in place
+        x = ops.add_norm(hidden, None, self.layers[0].input_norm)
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(hidden, (cfg.hidden_size,), layer.input_norm, eps)
-            qkv = layer.qkv(x)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            qkv = layer.qkv(x)  # [T, (H + 2 * KV) * D]
+            ops.rope_(qkv)
+            q, k, v = (t.view(num_tokens, -1, cfg.head_dim)  # [T, heads, D] each
+                       for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
             attn = paged_attention(q, k, v, kv_cache[i], meta, self.scale)
             if layer_hook is not None:
                 layer_hook(i)
-            hidden = hidden + layer.o_proj(attn.view(num_tokens, self.q_size))
-            x = F.rms_norm(hidden, (cfg.hidden_size,), layer.post_norm, eps)
+            x = ops.add_norm(hidden, layer.o_proj(attn.view(num_tokens, self.q_size)), layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            hidden = hidden + layer.down(F.silu(gate) * up)
-        return F.rms_norm(hidden, (cfg.hidden_size,), self.norm, eps)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            x = ops.add_norm(hidden, layer.down(F.silu(gate) * up), next_norm)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
         return self.lm_head(hidden).float()
+
+
+class _TorchOps:
+    """The layer's small ops in torch: residual add + RMSNorm, RoPE (any device and dtype)."""
+
+    def __init__(self, model: LlamaModel, positions: torch.Tensor):
+        cfg = model.config
+        self.eps, self.hidden_size = cfg.rms_norm_eps, cfg.hidden_size
+        self.heads, self.head_dim = cfg.num_heads + cfg.num_kv_heads, cfg.head_dim
+        dtype = model.embed.dtype
+        self.cos = model.cos[positions].unsqueeze(1).to(dtype)  # [T, 1, D/2]
+        self.sin = model.sin[positions].unsqueeze(1).to(dtype)
+
+    def add_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None,
+                 weight: torch.Tensor) -> torch.Tensor:
+        """hidden += delta (in place); returns RMSNorm(hidden) * weight."""
+        if delta is not None:
+            hidden.add_(delta)
+        return F.rms_norm(hidden, (self.hidden_size,), weight, self.eps)
+
+    def rope_(self, qkv: torch.Tensor) -> None:
+        """Rotates the Q and K heads of qkv [T, (H + 2 * KV) * D] in place."""
+        qk = qkv[:, :self.heads * self.head_dim].view(qkv.shape[0], self.heads, self.head_dim)
+        qk.copy_(apply_rope(qk, self.cos, self.sin))
+
+
+class _FusedOps:
+    """The same ops as _TorchOps, one C++ call each (float32 on CPU)."""
+
+    def __init__(self, model: LlamaModel, positions: torch.Tensor):
+        cfg = model.config
+        self.eps = cfg.rms_norm_eps
+        self.heads, self.head_dim = cfg.num_heads + cfg.num_kv_heads, cfg.head_dim
+        self.positions, self.cos, self.sin = positions, model.cos, model.sin
+
+    def add_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None,
+                 weight: torch.Tensor) -> torch.Tensor:
+        return paged_decode.add_rms_norm(hidden, delta, weight, self.eps)
+
+    def rope_(self, qkv: torch.Tensor) -> None:
+        paged_decode.rope_(qkv, self.positions, self.cos, self.sin, self.heads, self.head_dim)

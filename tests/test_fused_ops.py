@@ -1,0 +1,128 @@
+"""The fused float32 layer ops of engine/kernels/fused_ops.cpp against torch references, and
+the model's forward pass with them on and off."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import paged_decode
+from engine.models.llama import apply_rope
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler (c++ / $CXX) to build the kernels")
+    forced = os.environ.pop("PDSERVE_ATTENTION", None)
+    try:
+        assert paged_decode.available(), f"kernels failed to build: {paged_decode._state['error']}"
+    finally:
+        if forced is not None:
+            os.environ["PDSERVE_ATTENTION"] = forced
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("hidden", [576, 100])  # 100: not a multiple of the 16 lanes
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_matches_torch(threads, rows, hidden, with_delta):
+    gen = torch.Generator().manual_seed(rows * hidden)
+    residual = torch.randn(rows, hidden, generator=gen) * 3
+    delta = torch.randn(rows, hidden, generator=gen) if with_delta else None
+    weight = torch.rand(hidden, generator=gen) + 0.5
+    want_residual = residual.double() + (delta.double() if with_delta else 0)
+    rms = want_residual.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+    want = want_residual * rms * weight.double()
+
+    got = paged_decode.add_rms_norm(residual, delta, weight, 1e-5)
+
+    torch.testing.assert_close(residual.double(), want_residual, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_rejects_other_dtypes_and_shapes():
+    with pytest.raises(RuntimeError, match="float32"):
+        paged_decode.add_rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), None,
+                                  torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="delta"):
+        paged_decode.add_rms_norm(torch.ones(2, 8), torch.ones(3, 8), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="weight"):
+        paged_decode.add_rms_norm(torch.ones(2, 8), None, torch.ones(7), 1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 33])
+@pytest.mark.parametrize("head_dim", [64, 10])
+def test_rope_rotates_q_and_k_heads_in_place(threads, rows, head_dim):
+    q_heads, kv_heads, max_pos = 3, 1, 50
+    gen = torch.Generator().manual_seed(rows * head_dim)
+    qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, generator=gen)
+    positions = torch.randint(0, max_pos, (rows,), generator=gen)
+    angles = torch.rand(max_pos, head_dim // 2, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    heads = q_heads + kv_heads
+    rotated = apply_rope(qkv[:, :heads * head_dim].view(rows, heads, head_dim),
+                         cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    v_before = qkv[:, heads * head_dim:].clone()
+
+    paged_decode.rope_(qkv, positions, cos, sin, heads, head_dim)
+
+    torch.testing.assert_close(qkv[:, :heads * head_dim].view(rows, heads, head_dim), rotated,
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, heads * head_dim:], v_before)  # V is left alone
+
+
+def test_rope_on_strided_rows_and_bad_positions():
+    base = torch.randn(4, 40)
+    qkv = base[:, :24]  # rows 40 floats apart, 24 used
+    before_tail = base[:, 24:].clone()
+    cos, sin = torch.ones(8, 4), torch.zeros(8, 4)  # angle 0: identity
+    expected = qkv.clone()
+    paged_decode.rope_(qkv, torch.tensor([0, 1, 2, 7]), cos, sin, 2, 8)
+    assert torch.equal(qkv, expected) and torch.equal(base[:, 24:], before_tail)
+    with pytest.raises(RuntimeError, match="position 8"):
+        paged_decode.rope_(qkv, torch.tensor([0, 1, 2, 8]), cos, sin, 2, 8)
+
+
+def test_model_forward_same_with_fused_ops_on_and_off(make_engine):
+    """Final hidden states of a mixed step (prefill + decode) agree between the C++ and the
+    torch versions of the small ops, and greedy tokens are the same."""
+    from engine.sampling_params import SamplingParams
+
+    engine = make_engine()
+    model = engine.model
+    assert model.fused, "float32 on CPU with the kernels built should use the fused ops"
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = ["The capital of France is", "1, 2, 3, 4, 5,", "Once upon a time there was"]
+    fused_tokens = [o.token_ids for o in engine.generate(prompts, params)]
+    hidden_fused = _last_hidden(engine)
+    model.fused = False
+    try:
+        torch_tokens = [o.token_ids for o in engine.generate(prompts, params)]
+        hidden_torch = _last_hidden(engine)
+    finally:
+        model.fused = True
+    assert fused_tokens == torch_tokens
+    torch.testing.assert_close(hidden_fused, hidden_torch, rtol=1e-4, atol=1e-4)
+
+
+def _last_hidden(engine) -> torch.Tensor:
+    """Final hidden states of one prefill forward of a fixed prompt, outside the scheduler."""
+    from engine.attention import AttentionMetadata, PrefillChunk
+
+    ids = torch.tensor(engine.tokenizer.encode("A quick test of the forward pass"))
+    n = ids.shape[0]
+    scratch = torch.zeros_like(engine.kv.tensor[:, :, :, :engine.kv.blocks_for(n)])
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode=0, decode_block_tables=None,
+                             decode_mask=None, prefills=[PrefillChunk(0, n, n, None, None)])
+    return engine.model.forward(ids, torch.arange(n), scratch, meta)
