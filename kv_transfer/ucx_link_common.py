@@ -6,6 +6,7 @@ single-threaded); see ucx_link.py for which thread that is on each side.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from kv_transfer.wire import HEADER_SIZE, WireHeader
+
+log = logging.getLogger(__name__)
 
 # ucxx warns about every UCX_* variable its context does not read; harmless noise.
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -151,6 +154,16 @@ class CloseFlag:
     def __call__(self) -> None:
         if self.reason is None:
             self.reason = f"connection closed ({self.what})"
+
+
+def close_endpoint(ep: Any, what: str) -> None:
+    """Closes a UCX endpoint if it is still alive. Only a live endpoint is closed: touching
+    one UCX already closed (remove_close_callback in particular) can crash the process."""
+    try:
+        if ep.alive:
+            ep.close()
+    except Exception as e:
+        log.debug("closing %s: %s", what, describe(e))
 
 
 def ucx_api() -> Any:

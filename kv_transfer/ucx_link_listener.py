@@ -13,8 +13,8 @@ import numpy as np
 
 from kv_transfer.ucx_link_common import (
     ACK_OK, ACK_REFUSED, FRAME_SIZE, Address, CloseFlag, LinkConfig, LinkError, LinkPeerLost,
-    LinkRefused, LinkTimeout, byte_view, describe, make_worker, pack_ack, progress_until,
-    split_frame, ucx_api, ucx_array)
+    LinkRefused, LinkTimeout, byte_view, close_endpoint, describe, make_worker, pack_ack,
+    progress_until, split_frame, ucx_api, ucx_array)
 from kv_transfer.wire import MessageKind, WireError, WireHeader, unpack
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class LinkListener:
 
     def _drop(self, conn: _Conn, reason: str) -> None:
         self._conns.pop(conn.id, None)
-        self._close_ep(conn)
+        close_endpoint(conn.ep, f"connection {conn.id}")
         # UCX may write into the landing buffer until the receive completes
         # (cancelled): wait for that before telling the owner it may reuse it.
         requests = conn.requests()
@@ -289,19 +289,9 @@ class LinkListener:
             except Exception:
                 log.exception("on_error raised")
 
-    @staticmethod
-    def _close_ep(conn: _Conn) -> None:
-        # Only a live endpoint is closed: touching one UCX already closed
-        # (remove_close_callback in particular) can crash the process.
-        try:
-            if conn.ep.alive:
-                conn.ep.close()
-        except Exception as e:
-            log.debug("closing connection %d: %s", conn.id, describe(e))
-
     def _shutdown(self) -> None:
         for conn in list(self._conns.values()):
-            self._close_ep(conn)
+            close_endpoint(conn.ep, f"connection {conn.id}")
         # Senders that are alive answer the close handshake at once; a silent
         # one is not waited for (it cannot be writing into a buffer either).
         requests = [r for conn in self._conns.values() for r in conn.requests()]

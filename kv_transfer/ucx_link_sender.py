@@ -14,8 +14,8 @@ import torch
 
 from kv_transfer.ucx_link_common import (
     ACK_OK, ACK_SIZE, Address, CloseFlag, LinkConfig, LinkError, LinkPeerLost, LinkRefused,
-    LinkTimeout, byte_view, describe, make_worker, pack_frame, progress_until, ucx_api,
-    ucx_array, unpack_ack)
+    LinkTimeout, byte_view, close_endpoint, describe, make_worker, pack_frame, progress_until,
+    ucx_api, ucx_array, unpack_ack)
 from kv_transfer.wire import DType, MessageKind, WireError, WireHeader, pack
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class LinkSender:
 
     def _drop(self, peer: _Peer, requests: list[Any], buffers: list[np.ndarray]) -> None:
         self._peers.pop(peer.address, None)
-        self._close_ep(peer)
+        close_endpoint(peer.ep, f"endpoint to {peer.address}")
         deadline = time.monotonic() + _CANCEL_WAIT_S
         progress_until(self._worker, lambda: all(r.completed for r in requests), deadline, 0.01)
         if not all(r.completed for r in requests):
@@ -210,16 +210,6 @@ class LinkSender:
         only notice when this process exits.
         """
         for peer in peers:
-            self._close_ep(peer)
+            close_endpoint(peer.ep, f"endpoint to {peer.address}")
         progress_until(self._worker, lambda: not any(p.ep.alive for p in peers),
                        time.monotonic() + _CLOSE_WAIT_S, 0.01)
-
-    @staticmethod
-    def _close_ep(peer: _Peer) -> None:
-        # Only a live endpoint is closed: touching one UCX already closed
-        # (remove_close_callback in particular) can crash the process.
-        try:
-            if peer.ep.alive:
-                peer.ep.close()
-        except Exception as e:
-            log.debug("closing endpoint to %s: %s", peer.address, describe(e))

@@ -25,7 +25,7 @@ import ray
 from engine.output_processor import RequestOutput
 from engine.sampling_params import InvalidRequestError
 from router.errors import RouterError, StatusCode
-from router.policy import DecodeView, NoPair, NoPairReason, PolicyWeights, decode_score
+from router.policy import DecodeView, NoPair, NoPairReason, PolicyWeights, choose_decode
 from router.service import AttemptFailed, Router
 
 log = logging.getLogger(__name__)
@@ -35,30 +35,12 @@ POOL = "colocated"
 
 def choose_worker(workers: Sequence[DecodeView], num_prompt_tokens: int,
                   weights: PolicyWeights = PolicyWeights()) -> str | NoPair:
-    """The worker for a prompt of `num_prompt_tokens`, or why there is none.
-
-    Same terms as the decode side of `choose_pair`: the worker must be alive, not draining,
-    able to hold the prompt plus one generated token at all (else TOO_LARGE, refused now),
-    and have the prompt's blocks free now (else DECODE_FULL: wait). Among those the highest
-    headroom - load score wins (free blocks after the prompt over total, minus running +
-    waiting over max_num_seqs); ties go to the lowest worker_id."""
+    """The worker for a prompt of `num_prompt_tokens`, or why there is none: the decode side
+    of `choose_pair` (a colocated worker holds the prompt's KV and decodes it)."""
     if num_prompt_tokens < 1:
         raise ValueError(f"num_prompt_tokens must be >= 1, got {num_prompt_tokens}")
-    live = [w for w in workers if w.alive and not w.draining]
-    if not live:
-        return NoPair(NoPairReason.NO_DECODE, f"no live colocated worker ({len(workers)} known, "
-                      f"none alive and accepting)")
-    can_hold = [w for w in live if w.lease_blocks(num_prompt_tokens + 1) <= w.total_blocks]
-    if not can_hold:
-        largest = max(w.total_blocks * w.block_size for w in live)
-        return NoPair(NoPairReason.TOO_LARGE, f"{num_prompt_tokens} prompt tokens are larger than "
-                      f"any live worker's KV cache (the largest holds {largest} tokens)")
-    with_room = [w for w in can_hold if w.free_blocks >= w.lease_blocks(num_prompt_tokens)]
-    if not with_room:
-        return NoPair(NoPairReason.DECODE_FULL, f"no colocated worker has enough free KV blocks "
-                      f"for {num_prompt_tokens} prompt tokens")
-    best = min(with_room, key=lambda w: (-decode_score(w, num_prompt_tokens, weights), w.worker_id))
-    return best.worker_id
+    choice = choose_decode(workers, num_prompt_tokens, weights, kind=POOL)
+    return choice if isinstance(choice, NoPair) else choice.worker_id
 
 
 def worker_view(worker) -> DecodeView:

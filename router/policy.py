@@ -130,23 +130,34 @@ def choose_pair(prefills: Sequence[PrefillView], decodes: Sequence[DecodeView],
     if not live_prefills:
         return NoPair(NoPairReason.NO_PREFILL, f"{NoPairReason.NO_PREFILL.value} "
                       f"({len(prefills)} known, none alive and accepting)")
-    live_decodes = [d for d in decodes if d.alive and not d.draining]
-    if not live_decodes:
-        return NoPair(NoPairReason.NO_DECODE, f"{NoPairReason.NO_DECODE.value} "
-                      f"({len(decodes)} known, none alive and accepting)")
-    # + 1: the first generated token needs a slot too (Engine.validate_prompt)
-    can_hold = [d for d in live_decodes if d.lease_blocks(num_prompt_tokens + 1) <= d.total_blocks]
-    if not can_hold:
-        largest = max(d.total_blocks * d.block_size for d in live_decodes)
-        return NoPair(NoPairReason.TOO_LARGE,
-                      f"{num_prompt_tokens} prompt tokens are {NoPairReason.TOO_LARGE.value} "
-                      f"(the largest holds {largest} tokens)")
-    with_room = [d for d in can_hold if d.free_blocks >= d.lease_blocks(num_prompt_tokens)]
-    if not with_room:
-        return NoPair(NoPairReason.DECODE_FULL,
-                      f"{NoPairReason.DECODE_FULL.value} for {num_prompt_tokens} prompt tokens")
+    decode = choose_decode(decodes, num_prompt_tokens, weights)
+    if isinstance(decode, NoPair):
+        return decode
     prefill = min(live_prefills,
                   key=lambda p: (prefill_cost(p, num_prompt_tokens, weights), p.worker_id))
-    decode = min(with_room,
-                 key=lambda d: (-decode_score(d, num_prompt_tokens, weights), d.worker_id))
     return Pair(prefill.worker_id, decode.worker_id, decode.lease_blocks(num_prompt_tokens))
+
+
+def choose_decode(decodes: Sequence[DecodeView], num_prompt_tokens: int,
+                  weights: PolicyWeights = PolicyWeights(), kind: str = "decode") -> DecodeView | NoPair:
+    """The worker to hold a prompt's KV and decode it, or why there is none (`kind` names the
+    pool in the reasons). It must be alive, not draining, able to hold the prompt plus one
+    generated token at all (else TOO_LARGE: refused now) and have the prompt's blocks free now
+    (else DECODE_FULL: wait). Among those the highest `decode_score` wins; ties go to the
+    lowest worker_id."""
+    live = [d for d in decodes if d.alive and not d.draining]
+    if not live:
+        return NoPair(NoPairReason.NO_DECODE, f"no live {kind} worker "
+                      f"({len(decodes)} known, none alive and accepting)")
+    # + 1: the first generated token needs a slot too (Engine.validate_prompt)
+    can_hold = [d for d in live if d.lease_blocks(num_prompt_tokens + 1) <= d.total_blocks]
+    if not can_hold:
+        largest = max(d.total_blocks * d.block_size for d in live)
+        return NoPair(NoPairReason.TOO_LARGE,
+                      f"{num_prompt_tokens} prompt tokens are larger than any live {kind} "
+                      f"worker's KV cache (the largest holds {largest} tokens)")
+    with_room = [d for d in can_hold if d.free_blocks >= d.lease_blocks(num_prompt_tokens)]
+    if not with_room:
+        return NoPair(NoPairReason.DECODE_FULL, f"no {kind} worker has enough free KV blocks "
+                      f"for {num_prompt_tokens} prompt tokens")
+    return min(with_room, key=lambda d: (-decode_score(d, num_prompt_tokens, weights), d.worker_id))

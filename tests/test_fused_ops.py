@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.kernels import paged_decode
 from engine.models.llama import apply_rope
