@@ -1,4 +1,5 @@
-"""Shared fixtures: the default model converted once per session, and a small engine factory."""
+"""Shared fixtures: the default model converted once per session, a small engine factory, the
+C++ kernels built once, thread counts."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,35 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The C++ CPU kernels (engine/kernels), built once; skips the module without a compiler."""
+    import shutil
+
+    from engine.kernels import paged_decode
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler (c++ / $CXX) to build the kernels")
+    # built even under PDSERVE_ATTENTION=sdpa (which only keeps the engine off them)
+    forced = os.environ.pop("PDSERVE_ATTENTION", None)
+    try:
+        assert paged_decode.available(), f"kernels failed to build: {paged_decode._state['error']}"
+    finally:
+        if forced is not None:
+            os.environ["PDSERVE_ATTENTION"] = forced
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Runs the test at 1 and at 2 torch intra-op threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

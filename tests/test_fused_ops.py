@@ -2,34 +2,13 @@
 the model's forward pass with them on and off."""
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from engine.kernels import paged_decode
 from engine.models.llama import apply_rope
 
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler (c++ / $CXX) to build the kernels")
-    forced = os.environ.pop("PDSERVE_ATTENTION", None)
-    try:
-        assert paged_decode.available(), f"kernels failed to build: {paged_decode._state['error']}"
-    finally:
-        if forced is not None:
-            os.environ["PDSERVE_ATTENTION"] = forced
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("kernel")  # conftest: built once, else skipped
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

@@ -9,7 +9,6 @@ table, the unused tail of its last block) is NaN/inf garbage; 1 and 2 threads.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,26 +22,7 @@ from engine.kernels import paged_decode
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler (c++ / $CXX) to build the kernel")
-    # built even under PDSERVE_ATTENTION=sdpa (which only keeps the engine off it)
-    forced = os.environ.pop("PDSERVE_ATTENTION", None)
-    try:
-        assert paged_decode.available(), f"kernel failed to build: {paged_decode._state['error']}"
-    finally:
-        if forced is not None:
-            os.environ["PDSERVE_ATTENTION"] = forced
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("kernel")  # conftest: built once, else skipped
 
 
 def make_case(contexts, kv_heads, group, head_dim, block_size, dtype=torch.float32, seed=0,
