@@ -71,3 +71,29 @@ def test_greedy_matches_hf(make_engine, expected, settings):
         assert engine.stats.max_step_tokens <= 32
     if settings.get("prefix_caching", True):
         assert engine.kv.pool.hits > 0
+
+
+def test_torch_only_engine_matches_hf(make_engine, expected, monkeypatch):
+    """With every C++ kernel and the oneDNN packing switched off (torch ops only, the path
+    CUDA and a machine without a compiler take) the tokens are the same."""
+    monkeypatch.setenv("PDSERVE_ATTENTION", "sdpa")
+    monkeypatch.setenv("PDSERVE_LINEAR", "torch")
+    prompts, want = expected
+    engine = make_engine()
+    assert not engine.model.fused and not engine.runner.decode_kernel
+    assert engine.model.lm_head.packed is None and not engine.model.lm_head.gemv
+    got = engine.generate(prompts, GREEDY)
+    assert [c.token_ids for c in got] == want
+
+
+def test_bfloat16_engine_starts_like_hf(model_dir, expected):
+    """bfloat16 weights and KV (torch ops; the kernels are float32) keep the first greedy
+    tokens of a short prompt."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    prompts, want = expected
+    engine = Engine(EngineConfig(model=str(model_dir), dtype="bfloat16", device="cpu"))
+    assert engine.model.embed.dtype == torch.bfloat16 and not engine.model.fused
+    got = engine.generate([prompts[1]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert got[0].token_ids == want[1][:4]
