@@ -71,13 +71,14 @@ def _w(name: str, prompt: str, output: str, rates: tuple[float, ...], n: int) ->
     return Workload(name, LengthDist.parse(prompt), LengthDist.parse(output), rates, n)
 
 
-# Sized for the 2-core CPU box and the default model (~150-300 prompt tok/s and
-# ~100-150 ms per decode step per 1-thread worker): a few minutes for the whole comparison.
+# Sized for the 2-core CPU box and the default model (~350-450 prompt tok/s and ~45-60 ms
+# per decode step per 1-thread worker, with the CPU kernels): the higher rate of each
+# workload loads one worker of a kind near its capacity; a few minutes for the comparison.
 PRESETS = {
     # long prompts, few output tokens: prefill compute dominates
-    "prefill-heavy": _w("prefill-heavy", "uniform:256:512", "12", (0.3, 0.6), 12),
+    "prefill-heavy": _w("prefill-heavy", "uniform:256:512", "12", (0.6, 1.0), 12),
     # short prompts, long outputs: decode steps dominate
-    "decode-heavy": _w("decode-heavy", "uniform:32:64", "64", (1.0, 2.0), 16),
+    "decode-heavy": _w("decode-heavy", "uniform:32:64", "64", (2.0, 3.5), 16),
     # a chat service: long-tailed prompts and answers
     "chat": _w("chat", "chat:128:1024", "chat:32:128", (0.5, 1.0), 16),
 }

@@ -294,8 +294,8 @@ def test_arguments_and_workload_plan():
     args = _args()
     assert args.address is None and args.layouts == "disaggregated,colocated"
     plan = serve_bench.workloads(args)
-    assert [(w.name, rates) for w, rates in plan] == [("prefill-heavy", (0.3, 0.6)),
-                                                      ("decode-heavy", (1.0, 2.0))]
+    assert [(w.name, rates) for w, rates in plan] == [("prefill-heavy", (0.6, 1.0)),
+                                                      ("decode-heavy", (2.0, 3.5))]
     plan = serve_bench.workloads(_args("--quick", "--workload", "chat", "--rate", "3",
                                        "--num-requests", "5"))
     assert [(w.name, rates, w.num_requests) for w, rates in plan] == [("chat", (3.0,), 5)]
