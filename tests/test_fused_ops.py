@@ -72,6 +72,27 @@ def test_rope_on_strided_rows_and_bad_positions():
         paged_decode.rope_(qkv, torch.tensor([0, 1, 2, 8]), cos, sin, 2, 8)
 
 
+@pytest.mark.parametrize("rows, inner", [(1, 1536), (7, 20), (64, 1536), (33, 17)])
+def test_silu_mul_matches_float64(threads, rows, inner):
+    gen = torch.Generator().manual_seed(rows * inner)
+    gate_up = torch.randn(rows, 2 * inner, generator=gen) * 4
+    gate_up[0, :4] = torch.tensor([-120.0, 95.0, -1e4, 1e4])  # the exp's clamps
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    want = gate * torch.sigmoid(gate) * up
+
+    got = paged_decode.silu_mul(gate_up)
+
+    assert got.shape == (rows, inner) and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="2 \\* I"):
+        torch.ops.pdserve.silu_mul(torch.empty(2, 3), torch.ones(2, 7))
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.pdserve.silu_mul(torch.empty(2, 3), torch.ones(2, 8))
+
+
 def test_model_forward_same_with_fused_ops_on_and_off(make_engine):
     """Final hidden states of a mixed step (prefill + decode) agree between the C++ and the
     torch versions of the small ops, and greedy tokens are the same."""

@@ -1,5 +1,5 @@
-// Two small fused float32 ops of the Llama layer on CPU: residual add + RMSNorm, and RoPE
-// applied in place to the Q and K heads of the fused QKV output.
+// Small fused float32 ops of the Llama layer on CPU: residual add + RMSNorm, RoPE applied in
+// place to the Q and K heads of the fused QKV output, and the MLP's silu(gate) * up.
 //
 // Why: torch runs each of these as 4-8 separate ops (F.rms_norm alone is ~16 us for one row
 // of 576 here); at batch 1 a step makes ~120 such calls, ~3 ms of a ~28 ms token. Here each is
@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+
+#include "vec16.h"
 
 namespace {
 
@@ -103,6 +105,33 @@ void rope_(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos,
   });
 }
 
+// out[t, i] = silu(gu[t, i]) * gu[t, I + i] for gu [T, 2I] (the fused gate+up output):
+// one pass instead of torch's silu, then mul, each over the whole tensor. silu(x) =
+// x / (1 + exp(-x)) with the vectorised exp16 (relative error < 1e-7).
+void silu_mul(at::Tensor out, const at::Tensor& gate_up) {
+  TORCH_CHECK(out.dtype() == at::kFloat && gate_up.dtype() == at::kFloat, "silu_mul: float32 only");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous(),
+              "silu_mul: gate_up must be a contiguous [T, 2 * I]");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == T && out.size(1) == I && out.is_contiguous(),
+              "silu_mul: out must be a contiguous [T, I]");
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t I16 = I / 16 * 16;
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gp + t * 2 * I;
+      const float* u = g + I;
+      float* o = op + t * I;
+      for (int64_t i = 0; i < I16; i += 16) {
+        const vec16 x = load16(g + i);
+        store16(o + i, x / (1.0f + exp16(-x)) * load16(u + i));
+      }
+      for (int64_t i = I16; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  });
+}
+
 }  // namespace
 
 #ifndef PD_NS
@@ -114,9 +143,11 @@ TORCH_LIBRARY_FRAGMENT(PD_NS, m) {
         "float eps) -> ()");
   m.def("rope_(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, "
         "int head_dim) -> ()");
+  m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(PD_NS, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);
+  m.impl("silu_mul", &silu_mul);
 }

@@ -8,7 +8,8 @@ softmax, each kv head with its GQA group of query heads. float32, bfloat16 and f
 
 The same extension carries `gemv` (gemv.cpp): the batch-1 float32 linear that `linear()` uses
 for single-row inputs, streaming weights at 2-4x torch's one-row matmul; and the fused float32
-residual-add + RMSNorm and in-place RoPE of fused_ops.cpp (`add_rms_norm`, `rope_`).
+residual-add + RMSNorm, in-place RoPE and silu(gate) * up of fused_ops.cpp (`add_rms_norm`,
+`rope_`, `silu_mul`).
 
 `available()` builds the extension once per process (torch.utils.cpp_extension with ninja and
 the C++ compiler, -O3 -march=native -fopenmp, about 15 s; then cached on disk in torch's
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.cpp")
 SOURCES = [SOURCE] + [Path(__file__).with_name(f) for f in ("gemv.cpp", "fused_ops.cpp")]  # one extension
+HEADERS = [Path(__file__).with_name("vec16.h")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("PDSERVE_KERNEL_CFLAGS", "").split()
 LDFLAGS = ["-fopenmp"]
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,7 +58,8 @@ _lock = threading.Lock()
 
 
 def _cpu_tag() -> str:
-    """Short hash of what the binary depends on: ISA flags, compiler flags, torch version."""
+    """Short hash of what the binary depends on: ISA flags, compiler flags, torch version, and
+    the headers (torch rebuilds when a listed source changes, but not when only a header does)."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,7 +69,8 @@ def _cpu_tag() -> str:
                     break
     except OSError:
         flags = platform.processor()
-    key = "|".join([platform.machine(), flags, " ".join(CFLAGS), torch.__version__])
+    headers = hashlib.sha1(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()
+    key = "|".join([platform.machine(), flags, " ".join(CFLAGS), torch.__version__, headers])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -199,6 +203,13 @@ def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     head_dim] (the Q then K heads of a fused QKV output) by cos/sin [max_pos, head_dim / 2]
     at `positions` [T] int64; the HF rotate-half layout. float32."""
     torch.ops.pdserve.rope_(qkv, positions, cos, sin, num_heads, head_dim)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate then up) -> silu(gate) * up [T, I], float32, one pass."""
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    torch.ops.pdserve.silu_mul(out, gate_up)
+    return out
 
 
 def build_seconds() -> float | None:

@@ -101,9 +101,8 @@ class LlamaModel:
             if layer_hook is not None:
                 layer_hook(i)
             x = ops.add_norm(hidden, layer.o_proj(attn.view(num_tokens, self.q_size)), layer.post_norm)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            x = ops.add_norm(hidden, layer.down(F.silu(gate) * up), next_norm)
+            x = ops.add_norm(hidden, layer.down(ops.silu_mul(layer.gate_up(x))), next_norm)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,7 +111,8 @@ class LlamaModel:
 
 
 class _TorchOps:
-    """The layer's small ops in torch: residual add + RMSNorm, RoPE (any device and dtype)."""
+    """The layer's small ops in torch: residual add + RMSNorm, RoPE, silu(gate) * up (any device
+    and dtype)."""
 
     def __init__(self, model: LlamaModel, positions: torch.Tensor):
         cfg = model.config
@@ -134,6 +134,12 @@ class _TorchOps:
         qk = qkv[:, :self.heads * self.head_dim].view(qkv.shape[0], self.heads, self.head_dim)
         qk.copy_(apply_rope(qk, self.cos, self.sin))
 
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I] -> silu(gate) * up [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
 
 class _FusedOps:
     """The same ops as _TorchOps, one C++ call each (float32 on CPU)."""
@@ -150,3 +156,5 @@ class _FusedOps:
 
     def rope_(self, qkv: torch.Tensor) -> None:
         paged_decode.rope_(qkv, self.positions, self.cos, self.sin, self.heads, self.head_dim)
+
+    silu_mul = staticmethod(paged_decode.silu_mul)
