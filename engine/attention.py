@@ -42,6 +42,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_context_lens: torch.Tensor | None = None  # [num_decode] long, tokens each decode attends
     decode_kernel: bool = False  # decode through the fused paged kernel (see decode_kernel_enabled)
+    store_kernel: bool = False  # write new K/V with the C++ store_kv (CPU, kernels built)
 
 
 def decode_kernel_enabled(device: torch.device, dtype: torch.dtype) -> bool:
@@ -62,10 +63,13 @@ def causal_mask(length: int, context: int, device: torch.device) -> torch.Tensor
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D], kv_layer [2, num_blocks, block_size, KV, D] -> [T, H, D]."""
-    num_blocks, block_size, kv_heads, head_dim = kv_layer.shape[1:]
-    slots = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim)
-    slots[0].index_copy_(0, meta.slot_mapping, k)
-    slots[1].index_copy_(0, meta.slot_mapping, v)
+    if meta.store_kernel:
+        paged_decode.store_kv(kv_layer, meta.slot_mapping, k, v)
+    else:
+        num_blocks, block_size, kv_heads, head_dim = kv_layer.shape[1:]
+        slots = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim)
+        slots[0].index_copy_(0, meta.slot_mapping, k)
+        slots[1].index_copy_(0, meta.slot_mapping, v)
 
     out = torch.empty_like(q)
     nd = meta.num_decode

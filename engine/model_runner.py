@@ -83,7 +83,8 @@ class ModelRunner:
                    for item, start in zip(ordered, starts) if item.samples]
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(as_long(slots), nd, decode_tables, decode_mask, chunks,
-                                 decode_context_lens=ctx, decode_kernel=self.decode_kernel and nd > 0)
+                                 decode_context_lens=ctx, decode_kernel=self.decode_kernel and nd > 0,
+                                 store_kernel=self.decode_kernel)
         return StepInputs(as_long(ids), as_long(positions), meta, ordered, starts,
                           as_long([row for _, row in sampled]), [item for item, _ in sampled])
 

@@ -93,6 +93,34 @@ def test_silu_mul_rejects_bad_shapes():
         torch.ops.pdserve.silu_mul(torch.empty(2, 3), torch.ones(2, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_rows_like_index_copy(threads, dtype):
+    blocks, block_size, kv_heads, head_dim, heads = 6, 4, 2, 8, 4
+    gen = torch.Generator().manual_seed(7)
+    kv_layer = torch.randn(2, blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    want = kv_layer.clone()
+    # k and v as the model has them: views into a fused QKV output (rows strided)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    _, k, v = (t.view(5, -1, head_dim) for t in qkv.split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    slots = torch.tensor([3, 0, 23, 9, 10])
+    flat = want.view(2, blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
+
+    paged_decode.store_kv(kv_layer, slots, k, v)
+
+    assert torch.equal(kv_layer, want)
+
+
+def test_store_kv_refuses_a_slot_outside_the_cache():
+    kv_layer = torch.zeros(2, 2, 4, 1, 8)
+    k = v = torch.ones(2, 1, 8)
+    with pytest.raises(RuntimeError, match="slot 8 outside"):
+        paged_decode.store_kv(kv_layer, torch.tensor([1, 8]), k, v)
+    assert not kv_layer.any()  # checked before anything is written
+
+
 def test_model_forward_same_with_fused_ops_on_and_off(make_engine):
     """Final hidden states of a mixed step (prefill + decode) agree between the C++ and the
     torch versions of the small ops, and greedy tokens are the same."""

@@ -8,8 +8,8 @@ softmax, each kv head with its GQA group of query heads. float32, bfloat16 and f
 
 The same extension carries `gemv` (gemv.cpp): the batch-1 float32 linear that `linear()` uses
 for single-row inputs, streaming weights at 2-4x torch's one-row matmul; and the fused float32
-residual-add + RMSNorm, in-place RoPE and silu(gate) * up of fused_ops.cpp (`add_rms_norm`,
-`rope_`, `silu_mul`).
+residual-add + RMSNorm, in-place RoPE, silu(gate) * up and the K/V write into cache slots of
+fused_ops.cpp (`add_rms_norm`, `rope_`, `silu_mul`, `store_kv`).
 
 `available()` builds the extension once per process (torch.utils.cpp_extension with ninja and
 the C++ compiler, -O3 -march=native -fopenmp, about 15 s; then cached on disk in torch's
@@ -210,6 +210,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
     torch.ops.pdserve.silu_mul(out, gate_up)
     return out
+
+
+def store_kv(kv_layer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes k/v [T, KV, D] (each token's KV * D values contiguous) into kv_layer [2,
+    num_blocks, block_size, KV, D] at the flat slots [T] int64; any dtype, CPU."""
+    torch.ops.pdserve.store_kv(kv_layer, slots, k, v)
 
 
 def build_seconds() -> float | None:
