@@ -10,7 +10,7 @@ per layer for the decode tokens, after the new K/V are written:
   - sdpa:   gather each request's blocks into a padded copy (K and V), then
             F.scaled_dot_product_attention with the [N, 1, 1, S] mask, enable_gqa=True,
             and the copy into the output rows;
-  - kernel: engine.kernels.paged_decode_attention on the cache in place, writing the rows.
+  - kernel: engine.kernels.cpu_ops_attention on the cache in place, writing the rows.
 The block tables, mask and context lengths are built once per step by the model runner and
 are not timed. Calls rotate over enough copies of the layer (up to 30, the model's layer
 count) that the working set exceeds the last-level cache, as across the layers of a real step.
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
 
-    from engine.kernels import paged_decode
+    from engine.kernels import cpu_ops
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     t = time.perf_counter()
-    if not paged_decode.available():
-        raise SystemExit(f"kernel unavailable: {paged_decode._state['error']}")
+    if not cpu_ops.available():
+        raise SystemExit(f"kernel unavailable: {cpu_ops._state['error']}")
     build_s = time.perf_counter() - t
     scale = HEAD_DIM ** -0.5
     load = os.getloadavg()[0]
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
                 layers, q, tables, ctx, mask = make_case(batch, context, dtype)
                 out_a, out_b = torch.empty_like(q), torch.empty_like(q)
                 sdpa_call(q, layers[0], tables, mask, out_a, scale)
-                paged_decode.paged_decode_attention(q, layers[0], tables, ctx, scale, out=out_b)
+                cpu_ops.paged_decode_attention(q, layers[0], tables, ctx, scale, out=out_b)
                 err = (out_a.float() - out_b.float()).abs().max().item()
                 old = time_calls(lambda kv: sdpa_call(q, kv, tables, mask, out_a, scale),
                                  layers, args.min_s, args.repeats)
-                new = time_calls(lambda kv: paged_decode.paged_decode_attention(
+                new = time_calls(lambda kv: cpu_ops.paged_decode_attention(
                     q, kv, tables, ctx, scale, out=out_b), layers, args.min_s, args.repeats)
                 rows.append({"batch": batch, "context": context, "sdpa_ms": old * 1e3,
                              "kernel_ms": new * 1e3, "speedup": old / new, "max_abs_err": err})

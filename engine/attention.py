@@ -7,7 +7,7 @@ chunks of prefilling requests, one contiguous run per request.
 Every layer first writes the new K/V into the paged cache at `slot_mapping`, then
 reads the context back through block tables. Decode tokens are attended in one
 batched call: on CPU (float32/bfloat16/float16) by the fused paged kernel of
-engine/kernels/paged_decode.py, which reads K/V in place through the block tables up to
+engine/kernels/cpu_ops.py, which reads K/V in place through the block tables up to
 each request's context length; otherwise (CUDA, other dtypes, the kernel failed to build,
 or PDSERVE_ATTENTION=sdpa) by gathering the blocks into a copy padded to the longest
 context and one masked SDPA call. Prefill chunks are attended one request at a time,
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import paged_decode
+from engine.kernels import cpu_ops
 
 
 @dataclass
@@ -50,8 +50,8 @@ def decode_kernel_enabled(device: torch.device, dtype: torch.dtype) -> bool:
 
     Builds the kernel on the first call in a process (seconds; cached on disk after the first
     build); False when it cannot be built or PDSERVE_ATTENTION=sdpa."""
-    return (torch.device(device).type == "cpu" and dtype in paged_decode.SUPPORTED_DTYPES
-            and paged_decode.available())
+    return (torch.device(device).type == "cpu" and dtype in cpu_ops.SUPPORTED_DTYPES
+            and cpu_ops.available())
 
 
 def causal_mask(length: int, context: int, device: torch.device) -> torch.Tensor:
@@ -64,7 +64,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D], kv_layer [2, num_blocks, block_size, KV, D] -> [T, H, D]."""
     if meta.store_kernel:
-        paged_decode.store_kv(kv_layer, meta.slot_mapping, k, v)
+        cpu_ops.store_kv(kv_layer, meta.slot_mapping, k, v)
     else:
         num_blocks, block_size, kv_heads, head_dim = kv_layer.shape[1:]
         slots = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim)
@@ -76,10 +76,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if nd and meta.decode_kernel:
         dst = out[:nd]
         if dst.is_contiguous():
-            paged_decode.paged_decode_attention(q[:nd], kv_layer, meta.decode_block_tables,
+            cpu_ops.paged_decode_attention(q[:nd], kv_layer, meta.decode_block_tables,
                                                 meta.decode_context_lens, scale, out=dst)
         else:
-            dst.copy_(paged_decode.paged_decode_attention(
+            dst.copy_(cpu_ops.paged_decode_attention(
                 q[:nd], kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale))
     elif nd:
         # [nd, max_blocks, block_size, KV, D] -> [nd, KV, S, D]

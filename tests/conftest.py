@@ -17,14 +17,14 @@ def kernel():
     """The C++ CPU kernels (engine/kernels), built once; skips the module without a compiler."""
     import shutil
 
-    from engine.kernels import paged_decode
+    from engine.kernels import cpu_ops
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler (c++ / $CXX) to build the kernels")
     # built even under PDSERVE_ATTENTION=sdpa (which only keeps the engine off them)
     forced = os.environ.pop("PDSERVE_ATTENTION", None)
     try:
-        assert paged_decode.available(), f"kernels failed to build: {paged_decode._state['error']}"
+        assert cpu_ops.available(), f"kernels failed to build: {cpu_ops._state['error']}"
     finally:
         if forced is not None:
             os.environ["PDSERVE_ATTENTION"] = forced

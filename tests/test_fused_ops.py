@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import paged_decode
+from engine.kernels import cpu_ops
 from engine.models.llama import apply_rope
 
 pytestmark = pytest.mark.usefixtures("kernel")  # conftest: built once, else skipped
@@ -23,7 +23,7 @@ def test_add_rms_norm_matches_torch(threads, rows, hidden, with_delta):
     rms = want_residual.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
     want = want_residual * rms * weight.double()
 
-    got = paged_decode.add_rms_norm(residual, delta, weight, 1e-5)
+    got = cpu_ops.add_rms_norm(residual, delta, weight, 1e-5)
 
     torch.testing.assert_close(residual.double(), want_residual, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
@@ -31,12 +31,12 @@ def test_add_rms_norm_matches_torch(threads, rows, hidden, with_delta):
 
 def test_add_rms_norm_rejects_other_dtypes_and_shapes():
     with pytest.raises(RuntimeError, match="float32"):
-        paged_decode.add_rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), None,
+        cpu_ops.add_rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), None,
                                   torch.ones(8, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(RuntimeError, match="delta"):
-        paged_decode.add_rms_norm(torch.ones(2, 8), torch.ones(3, 8), torch.ones(8), 1e-5)
+        cpu_ops.add_rms_norm(torch.ones(2, 8), torch.ones(3, 8), torch.ones(8), 1e-5)
     with pytest.raises(RuntimeError, match="weight"):
-        paged_decode.add_rms_norm(torch.ones(2, 8), None, torch.ones(7), 1e-5)
+        cpu_ops.add_rms_norm(torch.ones(2, 8), None, torch.ones(7), 1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 33])
@@ -53,7 +53,7 @@ def test_rope_rotates_q_and_k_heads_in_place(threads, rows, head_dim):
                          cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
     v_before = qkv[:, heads * head_dim:].clone()
 
-    paged_decode.rope_(qkv, positions, cos, sin, heads, head_dim)
+    cpu_ops.rope_(qkv, positions, cos, sin, heads, head_dim)
 
     torch.testing.assert_close(qkv[:, :heads * head_dim].view(rows, heads, head_dim), rotated,
                                rtol=1e-5, atol=1e-5)
@@ -66,10 +66,10 @@ def test_rope_on_strided_rows_and_bad_positions():
     before_tail = base[:, 24:].clone()
     cos, sin = torch.ones(8, 4), torch.zeros(8, 4)  # angle 0: identity
     expected = qkv.clone()
-    paged_decode.rope_(qkv, torch.tensor([0, 1, 2, 7]), cos, sin, 2, 8)
+    cpu_ops.rope_(qkv, torch.tensor([0, 1, 2, 7]), cos, sin, 2, 8)
     assert torch.equal(qkv, expected) and torch.equal(base[:, 24:], before_tail)
     with pytest.raises(RuntimeError, match="position 8"):
-        paged_decode.rope_(qkv, torch.tensor([0, 1, 2, 8]), cos, sin, 2, 8)
+        cpu_ops.rope_(qkv, torch.tensor([0, 1, 2, 8]), cos, sin, 2, 8)
 
 
 @pytest.mark.parametrize("rows, inner", [(1, 1536), (7, 20), (64, 1536), (33, 17)])
@@ -80,7 +80,7 @@ def test_silu_mul_matches_float64(threads, rows, inner):
     gate, up = gate_up.double().chunk(2, dim=-1)
     want = gate * torch.sigmoid(gate) * up
 
-    got = paged_decode.silu_mul(gate_up)
+    got = cpu_ops.silu_mul(gate_up)
 
     assert got.shape == (rows, inner) and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
@@ -108,7 +108,7 @@ def test_store_kv_writes_rows_like_index_copy(threads, dtype):
     flat[0].index_copy_(0, slots, k)
     flat[1].index_copy_(0, slots, v)
 
-    paged_decode.store_kv(kv_layer, slots, k, v)
+    cpu_ops.store_kv(kv_layer, slots, k, v)
 
     assert torch.equal(kv_layer, want)
 
@@ -117,7 +117,7 @@ def test_store_kv_refuses_a_slot_outside_the_cache():
     kv_layer = torch.zeros(2, 2, 4, 1, 8)
     k = v = torch.ones(2, 1, 8)
     with pytest.raises(RuntimeError, match="slot 8 outside"):
-        paged_decode.store_kv(kv_layer, torch.tensor([1, 8]), k, v)
+        cpu_ops.store_kv(kv_layer, torch.tensor([1, 8]), k, v)
     assert not kv_layer.any()  # checked before anything is written
 
 

@@ -13,7 +13,7 @@ import torch
 from decode_worker.actor import RemoteDecodeWorker
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
-from kv_transfer.base import Lease, TransferError
+from kv_transfer.base import Lease
 from kv_transfer.ucx_link import LinkConfig, LinkRefused, LinkSender
 from kv_transfer.wire import WireHeader
 from prefill_worker.actor import RemotePrefillWorker

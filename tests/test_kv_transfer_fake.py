@@ -14,7 +14,7 @@ from kv_transfer.fake import FakeLink, FakeListener, FakeNetwork, Faults
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.store import KVCacheStore
-from kv_transfer.wire import MessageKind, WireHeader
+from kv_transfer.wire import WireHeader
 
 LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 4
 MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=50, hidden_size=8,
@@ -237,7 +237,7 @@ def test_corrupt_header_drops_the_connection_and_fails_open_requests(net, receiv
 
 def test_cancel_from_either_side(net, receiver):
     free0 = receiver.store.kv.pool.num_free
-    a = receiver.reserve("a", 4)
+    receiver.reserve("a", 4)
     b = receiver.reserve("b", 4)
     assert receiver.cancel("a", "client went away")
     assert not receiver.cancel("a")  # idempotent

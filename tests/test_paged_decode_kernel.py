@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.attention import AttentionMetadata, paged_attention
-from engine.kernels import paged_decode
+from engine.kernels import cpu_ops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_matches_reference_fp32(threads, group, head_dim, block_size):
     q, kv, tables, ctx = make_case(contexts, 2, group, head_dim, block_size,
                                    seed=group * 1000 + head_dim + block_size)
     scale = head_dim ** -0.5
-    got = paged_decode.paged_decode_attention(q, kv, tables, ctx, scale)
+    got = cpu_ops.paged_decode_attention(q, kv, tables, ctx, scale)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert_close(got, reference(q, kv, tables, ctx, scale), rtol=1e-5)
 
@@ -95,14 +95,14 @@ def test_model_shapes_many_requests(threads):
     gen = torch.Generator().manual_seed(7)
     contexts = torch.randint(1, 300, (64,), generator=gen).tolist()
     q, kv, tables, ctx = make_case(contexts, 3, 3, 64, 16, seed=7)
-    got = paged_decode.paged_decode_attention(q, kv, tables, ctx, 0.125)
+    got = cpu_ops.paged_decode_attention(q, kv, tables, ctx, 0.125)
     assert_close(got, reference(q, kv, tables, ctx, 0.125), rtol=1e-5)
 
 
 def test_int32_tables_and_out_argument():
     q, kv, tables, ctx = make_case([5, 17, 40], 3, 3, 64, 16, index_dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
-    got = paged_decode.paged_decode_attention(q, kv, tables, ctx, 0.125, out=out)
+    got = cpu_ops.paged_decode_attention(q, kv, tables, ctx, 0.125, out=out)
     assert got.data_ptr() == out.data_ptr()
     assert_close(out, reference(q, kv, tables, ctx, 0.125), rtol=1e-5)
 
@@ -113,12 +113,12 @@ def test_same_bits_whatever_the_batch_and_threads():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = paged_decode.paged_decode_attention(q, kv, tables, ctx, 0.125)
-        alone = [paged_decode.paged_decode_attention(q[i:i + 1], kv, tables[i:i + 1],
+        one = cpu_ops.paged_decode_attention(q, kv, tables, ctx, 0.125)
+        alone = [cpu_ops.paged_decode_attention(q[i:i + 1], kv, tables[i:i + 1],
                                                      ctx[i:i + 1], 0.125)[0]
                  for i in range(len(q))]
         torch.set_num_threads(2)
-        two = paged_decode.paged_decode_attention(q, kv, tables, ctx, 0.125)
+        two = cpu_ops.paged_decode_attention(q, kv, tables, ctx, 0.125)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -128,7 +128,7 @@ def test_same_bits_whatever_the_batch_and_threads():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision(dtype):
     q, kv, tables, ctx = make_case([1, 15, 16, 17, 300], 2, 3, 64, 16, dtype=dtype, seed=5)
-    got = paged_decode.paged_decode_attention(q, kv, tables, ctx, 0.125)
+    got = cpu_ops.paged_decode_attention(q, kv, tables, ctx, 0.125)
     assert got.dtype == dtype
     # inputs are exactly representable; the error is the fp32-accumulated result's rounding
     assert_close(got, reference(q, kv, tables, ctx, 0.125), rtol=1e-2)
@@ -163,19 +163,19 @@ def test_bad_tables_raise():
     bad = tables.clone()
     bad[1, 0] = kv.shape[1]  # one past the last block
     with pytest.raises(RuntimeError, match="out of range"):
-        paged_decode.paged_decode_attention(q, kv, bad, ctx, 0.125)
+        cpu_ops.paged_decode_attention(q, kv, bad, ctx, 0.125)
     with pytest.raises(RuntimeError, match="does not fit"):
-        paged_decode.paged_decode_attention(q, kv, tables, torch.tensor([5, 10_000]), 0.125)
+        cpu_ops.paged_decode_attention(q, kv, tables, torch.tensor([5, 10_000]), 0.125)
     # entries past the context are never looked at, even when out of range
     ok = tables.clone()
     ok[0, 1:] = 10**9
-    got = paged_decode.paged_decode_attention(q, kv, ok, ctx, 0.125)
+    got = cpu_ops.paged_decode_attention(q, kv, ok, ctx, 0.125)
     assert_close(got, reference(q, kv, tables, ctx, 0.125), rtol=1e-5)
 
 
 def test_forced_off_by_env(monkeypatch):
     monkeypatch.setenv("PDSERVE_ATTENTION", "sdpa")
-    assert not paged_decode.available()
+    assert not cpu_ops.available()
     from engine.attention import decode_kernel_enabled
     assert not decode_kernel_enabled(torch.device("cpu"), torch.float32)
 
@@ -187,9 +187,9 @@ def test_concurrent_first_builds(tmp_path):
     ext_dir = tmp_path / "ext"
     script = textwrap.dedent("""
         import sys
-        from engine.kernels import paged_decode
-        ok = paged_decode.available()
-        print("OK" if ok else "FAIL " + str(paged_decode._state["error"]))
+        from engine.kernels import cpu_ops
+        ok = cpu_ops.available()
+        print("OK" if ok else "FAIL " + str(cpu_ops._state["error"]))
         sys.exit(0 if ok else 1)
     """)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext_dir), PYTHONPATH=str(REPO))
@@ -197,7 +197,7 @@ def test_concurrent_first_builds(tmp_path):
     # a dead builder's torch lock file in the build directory
     probe = subprocess.run(
         [sys.executable, "-c", "from torch.utils import cpp_extension as c; "
-         "from engine.kernels import paged_decode as p; "
+         "from engine.kernels import cpu_ops as p; "
          "print(c._get_build_directory(p._extension_name(), False))"],
         env=env, cwd=REPO, capture_output=True, text=True, check=True)
     build_dir = Path(probe.stdout.strip().splitlines()[-1])
@@ -220,7 +220,7 @@ def test_gemv_linear_matches_f_linear(kernel, threads, n, k, bias):
     x = torch.randn(1, k, generator=gen)
     w = torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
-    got = paged_decode.linear(x, w, b)
+    got = cpu_ops.linear(x, w, b)
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.shape == (1, n) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * k ** 0.5)
@@ -228,6 +228,6 @@ def test_gemv_linear_matches_f_linear(kernel, threads, n, k, bias):
 
 def test_gemv_linear_leaves_other_shapes_to_torch(kernel):
     x, w = torch.randn(3, 16), torch.randn(8, 16)  # more than one row: a GEMM, not this kernel
-    assert torch.equal(paged_decode.linear(x, w), torch.nn.functional.linear(x, w))
+    assert torch.equal(cpu_ops.linear(x, w), torch.nn.functional.linear(x, w))
     with pytest.raises(RuntimeError, match="gemv"):
         torch.ops.pdserve.gemv(torch.empty(1, 8), x, w)

@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import paged_decode
+from engine.kernels import cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,12 @@ class Linear:
         self.weight = weight.contiguous()
         self.bias = bias
         cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        self.gemv = cpu_fp32 and paged_decode.available()
+        self.gemv = cpu_fp32 and cpu_ops.available()
         self.packed = _pack(self.weight) if packing_available(weight.device, weight.dtype) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv and x.shape[0] == 1:
-            return paged_decode.linear(x, self.weight, self.bias)
+            return cpu_ops.linear(x, self.weight, self.bias)
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -1,4 +1,4 @@
-// Fused paged decode attention for CPU (built by engine/kernels/paged_decode.py).
+// Fused paged decode attention for CPU (built by engine/kernels/cpu_ops.py).
 //
 // One query token per request attends to its context, read in place from the paged KV cache
 // of one layer ([2, num_blocks, block_size, kv_heads, head_dim]) through the request's block

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.kernels import paged_decode
+from engine.kernels import cpu_ops
 from engine.kernels.linear import Linear
 
 LayerHook = Callable[[int], None]  # called with the layer index once its K/V is in the cache
@@ -75,7 +75,7 @@ class LlamaModel:
         self.sin = angles.sin().to(device=device, dtype=torch.float32)
         # float32 on CPU: residual add + RMSNorm and RoPE as one C++ op each (fused_ops.cpp).
         self.fused = (torch.device(device).type == "cpu" and dtype == torch.float32
-                      and paged_decode.available())
+                      and cpu_ops.available())
 
     def weight_bytes(self) -> int:
         """Bytes of weights read by one forward step (the LM head once, even when tied)."""
@@ -152,9 +152,9 @@ class _FusedOps:
 
     def add_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None,
                  weight: torch.Tensor) -> torch.Tensor:
-        return paged_decode.add_rms_norm(hidden, delta, weight, self.eps)
+        return cpu_ops.add_rms_norm(hidden, delta, weight, self.eps)
 
     def rope_(self, qkv: torch.Tensor) -> None:
-        paged_decode.rope_(qkv, self.positions, self.cos, self.sin, self.heads, self.head_dim)
+        cpu_ops.rope_(qkv, self.positions, self.cos, self.sin, self.heads, self.head_dim)
 
-    silu_mul = staticmethod(paged_decode.silu_mul)
+    silu_mul = staticmethod(cpu_ops.silu_mul)

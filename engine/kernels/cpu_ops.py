@@ -1,6 +1,7 @@
-"""Fused paged decode attention on CPU (C++ in paged_decode.cpp, compiled on first use).
+"""The engine's C++ CPU kernels: one torch extension, compiled on first use, and its Python
+entry points.
 
-`paged_decode_attention(q, kv_layer, block_tables, context_lens, scale)` attends one query
+Fused paged decode attention (paged_decode.cpp): `paged_decode_attention(q, kv_layer, block_tables, context_lens, scale)` attends one query
 token per request to the first `context_lens[n]` positions of its paged context, reading K/V in
 place from the cache layer through the block table (no gathered copy, no mask) with an online
 softmax, each kv head with its GQA group of query heads. float32, bfloat16 and float16
@@ -75,7 +76,7 @@ def _cpu_tag() -> str:
 
 
 def _extension_name() -> str:
-    return f"pdserve_paged_decode_{_cpu_tag()}"
+    return f"pdserve_cpu_ops_{_cpu_tag()}"
 
 
 def _ensure_ninja_on_path() -> None:
