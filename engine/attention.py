@@ -77,7 +77,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dst = out[:nd]
         if dst.is_contiguous():
             cpu_ops.paged_decode_attention(q[:nd], kv_layer, meta.decode_block_tables,
-                                                meta.decode_context_lens, scale, out=dst)
+                                           meta.decode_context_lens, scale, out=dst)
         else:
             dst.copy_(cpu_ops.paged_decode_attention(
                 q[:nd], kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale))

@@ -1,10 +1,11 @@
 """The engine's C++ CPU kernels: one torch extension, compiled on first use, and its Python
 entry points.
 
-Fused paged decode attention (paged_decode.cpp): `paged_decode_attention(q, kv_layer, block_tables, context_lens, scale)` attends one query
-token per request to the first `context_lens[n]` positions of its paged context, reading K/V in
-place from the cache layer through the block table (no gathered copy, no mask) with an online
-softmax, each kv head with its GQA group of query heads. float32, bfloat16 and float16
+Fused paged decode attention (paged_decode.cpp): `paged_decode_attention(q, kv_layer,
+block_tables, context_lens, scale)` attends one query token per request to the first
+`context_lens[n]` positions of its paged context, reading K/V in place from the cache layer
+through the block table (no gathered copy, no mask) with an online softmax, each kv head with
+its GQA group of query heads. float32, bfloat16 and float16
 (accumulated in fp32); CPU only. It follows torch's intra-op thread count.
 
 The same extension carries `gemv` (gemv.cpp): the batch-1 float32 linear that `linear()` uses

@@ -2,8 +2,8 @@
 
 On CPU, torch's `F.linear` runs MKL sgemm on a plain [out, in] weight. On this AMD EPYC that
 reaches ~140 GFLOP/s on a decode batch of 64 rows and ~85 GFLOP/s on the LM head; oneDNN on a
-weight reordered once, at load, into its own blocked layout reaches ~195-205 GFLOP/s on both
-(benchmarks/linear_bench.py). So a `Linear` keeps:
+weight reordered once, at load, into its own blocked layout reaches ~195-215 GFLOP/s on both
+(2 threads, each layer shape of the default model timed alone). So a `Linear` keeps:
 
 - `packed`: the weight reordered for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, the
   op torch's inductor uses when it freezes a CPU model) for steps of more than one row;
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 PACKED_DTYPES = (torch.float32,)
 # oneDNN picks its blocked layout for a row count; 64 (the default decode batch) also ran
-# prefill chunks and small batches faster than the hint 1 layout in linear_bench.py.
+# prefill chunks and small batches faster than the layout for 1 row (a whole model's linears,
+# 1 to 512 rows, timed here with each hint).
 PACK_ROWS_HINT = 64
 
 _packing_ok: dict[torch.dtype, bool] = {}

@@ -217,12 +217,26 @@ inline void map_rows(const Geometry& g, const void* bt, int64_t n, int64_t t0, i
 // computations, spread over the tile rather than in one burst: a burst stalls on the
 // fill buffers and leaves the arithmetic waiting, and hardware prefetchers stop at the 4 KiB
 // page boundaries that the scattered blocks cross.
+// rows[t] = the float32 values of the D-long row at base + offsets[t], t < n: the row itself
+// for float32 storage, else its conversion into buf (n * D floats).
+template <typename scalar_t>
+inline void float_rows(const scalar_t* base, const int64_t* offsets, int n, int D, float* buf,
+                       const float** rows) {
+  for (int t = 0; t < n; ++t) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      rows[t] = base + offsets[t];
+    } else {
+      to_float(buf + t * D, base + offsets[t], D);
+      rows[t] = buf + t * D;
+    }
+  }
+}
+
 template <typename scalar_t, int DC>
 void attend_item(const Geometry& g, Scratch& sc, const scalar_t* __restrict q_all,
                  const scalar_t* __restrict kv, const void* bt,
                  const int64_t* __restrict ctx_lens, scalar_t* __restrict out_all, float scale,
                  Item it, Item after) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int D = DC > 0 ? DC : static_cast<int>(g.D);
   const int G = static_cast<int>(g.G);
   const int64_t n = it.n;
@@ -288,15 +302,7 @@ void attend_item(const Geometry& g, Scratch& sc, const scalar_t* __restrict q_al
 
       // scores s[h][t] = (scale * q_h) . k_t for the group's query heads
       const float* kf[kTile];
-      for (int t = 0; t < tn; ++t) {
-        const scalar_t* krow = kbase + r[t] + hoff;
-        if constexpr (kFloat) {
-          kf[t] = krow;
-        } else {
-          to_float(sc.kbuf + t * D, krow, D);
-          kf[t] = sc.kbuf + t * D;
-        }
-      }
+      float_rows(kbase + hoff, r, tn, D, sc.kbuf, kf);
       if constexpr (DC > 0) {
         const int padded = (tn + 7) & ~7;
         for (int t = tn; t < padded; ++t) kf[t] = kf[0];  // scores past tn are ignored
@@ -341,15 +347,7 @@ void attend_item(const Geometry& g, Scratch& sc, const scalar_t* __restrict q_al
 
       // acc[h] += sum_t p[h][t] * v_t
       const float* vf[kTile];
-      for (int t = 0; t < tn; ++t) {
-        const scalar_t* vrow = vbase + r[t] + hoff;
-        if constexpr (kFloat) {
-          vf[t] = vrow;
-        } else {
-          to_float(sc.vbuf + t * D, vrow, D);
-          vf[t] = sc.vbuf + t * D;
-        }
-      }
+      float_rows(vbase + hoff, r, tn, D, sc.vbuf, vf);
       for (int h = h0; h < h0 + G; ++h) {
         accumulate_rows<DC>(acc + h * D, s + h * kTile, vf, tn, D);
       }
