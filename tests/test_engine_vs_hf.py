@@ -74,14 +74,14 @@ def test_greedy_matches_hf(make_engine, expected, settings):
 
 
 def test_torch_only_engine_matches_hf(make_engine, expected, monkeypatch):
-    """With every C++ kernel and the oneDNN packing switched off (torch ops only, the path
+    """With every C++ kernel and the weight packing switched off (torch ops only, the path
     CUDA and a machine without a compiler take) the tokens are the same."""
     monkeypatch.setenv("PDSERVE_ATTENTION", "sdpa")
     monkeypatch.setenv("PDSERVE_LINEAR", "torch")
     prompts, want = expected
     engine = make_engine()
     assert not engine.model.fused and not engine.runner.decode_kernel
-    assert engine.model.lm_head.packed is None and not engine.model.lm_head.gemv
+    assert engine.model.lm_head.packed is None
     got = engine.generate(prompts, GREEDY)
     assert [c.token_ids for c in got] == want
 

@@ -1,63 +1,99 @@
-"""engine.kernels.linear: every path of Linear computes F.linear."""
+"""engine.kernels.linear and the packed linear kernel (packed_linear.cpp): every path computes
+F.linear, and the packed one gives a row the same bits whatever else is in its batch."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu_ops
 from engine.kernels import linear as linear_mod
-from engine.kernels.linear import Linear, packing_available
+from engine.kernels.linear import Linear, packing_enabled
 
 
 def _reference(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 63, 64, 65, 700])
+def _random(*shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+# 200 and 49 outputs: a partial last panel of columns; 1600 inputs: three K blocks; 96: one
+@pytest.mark.parametrize("out_features, in_features", [(200, 96), (49, 1600), (1, 7)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 63, 64, 65, 200])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_float64_reference(rows, with_bias):
-    gen = torch.Generator().manual_seed(rows)
-    weight = torch.randn(200, 96, generator=gen)
-    bias = torch.randn(200, generator=gen) if with_bias else None
-    x = torch.randn(rows, 96, generator=gen)
-    got = Linear(weight, bias)(x)
-    assert got.shape == (rows, 200) and got.dtype == torch.float32
-    torch.testing.assert_close(got, _reference(x, weight, bias), rtol=1e-4, atol=1e-4)
+def test_packed_linear_matches_float64_reference(kernel, threads, out_features, in_features,
+                                                 rows, with_bias):
+    weight, bias, x = _random((out_features, in_features), (out_features,), (rows, in_features),
+                              seed=rows * 31 + out_features)
+    layer = Linear(weight, bias if with_bias else None)
+    assert layer.packed is not None and layer.weight is None  # one copy: the packed one
+    got = layer(x)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _reference(x, weight, bias if with_bias else None),
+                               rtol=1e-4, atol=1e-4)
 
 
-def test_float32_cpu_weights_are_packed_for_onednn():
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("torch built without oneDNN")
-    layer = Linear(torch.randn(32, 16))
-    assert layer.packed is not None and layer.packed.is_mkldnn
-    assert layer.nbytes() == 32 * 16 * 4  # one step reads one copy
+def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(kernel):
+    weight, bias, x = _random((130, 900), (130,), (150, 900), seed=1)
+    layer = Linear(weight, bias)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = layer(x)
+        for rows in (1, 5, 8, 64, 149):  # every tile and chunk shape the rows can fall in
+            assert torch.equal(layer(x[:rows]), full[:rows]), rows
+        torch.set_num_threads(1)
+        assert torch.equal(layer(x), full)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_strided_and_empty_inputs(kernel):
+    weight, wide = _random((40, 30), (6, 70), seed=2)
+    layer = Linear(weight)
+    x = wide[:, 5:35]  # rows 70 floats apart
+    assert x.stride() == (70, 1)
+    assert torch.equal(layer(x), layer(x.contiguous()))
+    assert layer(torch.empty(0, 30)).shape == (0, 40)
+
+
+def test_bad_shapes_are_refused(kernel):
+    weight, x = _random((40, 30), (2, 31), seed=3)
+    packed = cpu_ops.pack_linear_weight(weight)
+    with pytest.raises(RuntimeError, match="x has 31 features, the weight 30"):
+        cpu_ops.packed_linear(x, packed, None, 40)
+    with pytest.raises(RuntimeError, match="output features do not match"):
+        cpu_ops.packed_linear(x[:, :30], packed, None, 400)
+    with pytest.raises(RuntimeError, match="must come from pack_linear_weight"):
+        cpu_ops.packed_linear(x[:, :30], weight, None, 40)
+    with pytest.raises(RuntimeError, match="bias must be float32 with 40 values"):
+        cpu_ops.packed_linear(x[:, :30], packed, torch.zeros(39), 40)
 
 
 def test_other_dtypes_keep_plain_weights():
     layer = Linear(torch.randn(32, 16, dtype=torch.bfloat16))
-    assert layer.packed is None and not layer.gemv
+    assert layer.packed is None
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+    assert layer.nbytes() == 32 * 16 * 2
 
 
 def test_env_switch_turns_packing_off(monkeypatch):
     monkeypatch.setenv("PDSERVE_LINEAR", "torch")
-    assert not packing_available("cpu", torch.float32)
+    assert not packing_enabled("cpu", torch.float32)
     layer = Linear(torch.randn(8, 4))
     assert layer.packed is None
     x = torch.randn(5, 4)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
-def test_a_failing_probe_falls_back_to_f_linear(monkeypatch, caplog):
-    def broken(weight):
-        raise RuntimeError("no oneDNN here")
-
-    monkeypatch.setattr(linear_mod, "_pack", broken)
-    monkeypatch.setattr(linear_mod, "_packing_ok", {})
-    with caplog.at_level("WARNING"):
-        layer = Linear(torch.randn(8, 4))
+def test_without_the_kernels_f_linear_is_used(monkeypatch):
+    monkeypatch.setattr(linear_mod.cpu_ops, "available", lambda: False)
+    weight, bias, x = _random((8, 4), (8,), (5, 4), seed=4)
+    layer = Linear(weight, bias)
     assert layer.packed is None
-    assert "oneDNN weight packing unavailable" in caplog.text
-    x = torch.randn(5, 4)
-    assert torch.equal(layer(x), F.linear(x, layer.weight))
+    assert torch.equal(layer(x), F.linear(x, weight, bias))
+    assert layer.nbytes() == 8 * 4 * 4

@@ -210,24 +210,3 @@ def test_concurrent_first_builds(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert not (build_dir / "lock").exists()
 
-
-# -- the batch-1 linear (gemv.cpp) ------------------------------------------------------------
-
-@pytest.mark.parametrize("n, k", [(1536, 576), (576, 1536), (7, 5), (65, 33), (130, 16)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gemv_linear_matches_f_linear(kernel, threads, n, k, bias):
-    gen = torch.Generator().manual_seed(n * 1000 + k)
-    x = torch.randn(1, k, generator=gen)
-    w = torch.randn(n, k, generator=gen)
-    b = torch.randn(n, generator=gen) if bias else None
-    got = cpu_ops.linear(x, w, b)
-    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    assert got.shape == (1, n) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * k ** 0.5)
-
-
-def test_gemv_linear_leaves_other_shapes_to_torch(kernel):
-    x, w = torch.randn(3, 16), torch.randn(8, 16)  # more than one row: a GEMM, not this kernel
-    assert torch.equal(cpu_ops.linear(x, w), torch.nn.functional.linear(x, w))
-    with pytest.raises(RuntimeError, match="gemv"):
-        torch.ops.pdserve.gemv(torch.empty(1, 8), x, w)

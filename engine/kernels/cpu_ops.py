@@ -8,10 +8,11 @@ through the block table (no gathered copy, no mask) with an online softmax, each
 its GQA group of query heads. float32, bfloat16 and float16
 (accumulated in fp32); CPU only. It follows torch's intra-op thread count.
 
-The same extension carries `gemv` (gemv.cpp): the batch-1 float32 linear that `linear()` uses
-for single-row inputs, streaming weights at 2-4x torch's one-row matmul; and the fused float32
-residual-add + RMSNorm, in-place RoPE, silu(gate) * up and the K/V write into cache slots of
-fused_ops.cpp (`add_rms_norm`, `rope_`, `silu_mul`, `store_kv`).
+The same extension carries the float32 linear layer of packed_linear.cpp (`pack_linear_weight`,
+`packed_linear`: a weight packed once into column panels, for every row count from batch-1
+decode to a prefill chunk) and the fused float32 residual-add + RMSNorm, in-place RoPE,
+silu(gate) * up and the K/V write into cache slots of fused_ops.cpp (`add_rms_norm`, `rope_`,
+`silu_mul`, `store_kv`).
 
 `available()` builds the extension once per process (torch.utils.cpp_extension with ninja and
 the C++ compiler, -O3 -march=native -fopenmp, about 15 s; then cached on disk in torch's
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.cpp")
-SOURCES = [SOURCE] + [Path(__file__).with_name(f) for f in ("gemv.cpp", "fused_ops.cpp")]  # one extension
+SOURCES = [SOURCE] + [Path(__file__).with_name(f) for f in ("packed_linear.cpp", "fused_ops.cpp")]  # one extension
 HEADERS = [Path(__file__).with_name("vec16.h")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("PDSERVE_KERNEL_CFLAGS", "").split()
 LDFLAGS = ["-fopenmp"]
@@ -134,7 +135,11 @@ def _build() -> None:
     keys, values = kv[0, 1, :3, 0], kv[1, 1, :3, 0]
     want = torch.softmax(q[0] @ keys.T * 0.5, dim=-1) @ values
     if not torch.allclose(out[0], want, rtol=1e-4, atol=1e-5):
-        raise RuntimeError("the compiled kernel fails its smoke test")
+        raise RuntimeError("the compiled attention kernel fails its smoke test")
+    w, x, b = (torch.randn(shape, generator=gen) for shape in ((5, 3), (2, 3), (5,)))
+    y = torch.ops.pdserve.packed_linear(x, torch.ops.pdserve.pack_linear_weight(w), b, 5)
+    if not torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the compiled linear kernel fails its smoke test")
 
 
 def forced_off() -> bool:
@@ -178,16 +183,17 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but a single float32 CPU row (batch-1 decode) goes through the gemv op,
-    which streams the weights at 2-4x the speed of torch's matmul for one row. Callers
-    decide once (see `available`) whether to use this."""
-    if (x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.dtype == torch.float32 and weight.is_contiguous()):
-        out = torch.empty(1, weight.shape[0], dtype=torch.float32)
-        torch.ops.pdserve.gemv(out, x.contiguous(), weight)
-        return out if bias is None else out.add_(bias)
-    return F.linear(x, weight, bias)
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] float32 -> the panel layout `packed_linear` reads, [ceil(out / NR), in,
+    NR] (NR = 48 output columns with AVX-512, 24 otherwise; the last panel zero-padded)."""
+    return torch.ops.pdserve.pack_linear_weight(weight)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  out_features: int) -> torch.Tensor:
+    """x [rows, in] float32 (rows may be strided) -> x W^T + bias [rows, out_features], W as
+    packed by `pack_linear_weight`. A row's result has the same bits whatever the other rows."""
+    return torch.ops.pdserve.packed_linear(x, packed, bias, out_features)
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
