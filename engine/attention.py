@@ -1,8 +1,10 @@
 """Paged attention over a flat (varlen) token batch.
 
-The step's tokens are laid out decode-first: the first `num_decode` tokens are one
-token each of requests that only need their next token; after them come the query
-chunks of prefilling requests, one contiguous run per request.
+The step's tokens are laid out decode-first: the first `num_decode` rows are attended one
+query at a time, each to its own context through its request's block table (a token each of
+requests that only need their next token and, with the CPU kernel, the tokens of short
+prefill chunks: see engine/model_runner.py); after them come the query chunks of the other
+prefilling requests, one contiguous run per request.
 
 Every layer first writes the new K/V into the paged cache at `slot_mapping`, then
 reads the context back through block tables. Decode tokens are attended in one
@@ -35,7 +37,7 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long, where each new token's K/V goes
-    num_decode: int
+    num_decode: int  # leading rows attended one query each (decode tokens, short chunks' tokens)
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] long (padded with 0)
     # [num_decode, 1, 1, max_blocks * block_size] bool; only for the SDPA path (None with the kernel)
     decode_mask: torch.Tensor | None

@@ -3,6 +3,12 @@
 Flat layout of one step (decode-first, see engine/attention.py):
     [ d_0 d_1 ... d_{nd-1} | chunk of p_0 | chunk of p_1 | ... ]
 where each d_i is the single new token of a request that needs one token.
+
+With the CPU attention kernel, prefill chunks whose context is short (at most
+KERNEL_PREFILL_MAX_CONTEXT tokens) go first among the chunks and their tokens join the decode
+rows: the kernel attends each to its own causal context (its position + 1 tokens) through the
+request's block table, which beat one causal SDPA call per chunk up to 512-token contexts (16 x
+128 tokens: 4.8 against 9.8 ms a layer) and lost from 1024 on (30 against 27 ms).
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from engine.attention import AttentionMetadata, PrefillChunk, causal_mask, decod
 from engine.kv_cache import KVCache
 from engine.models.llama import LlamaModel
 from engine.scheduler import ScheduledRequest
+
+KERNEL_PREFILL_MAX_CONTEXT = 512
 
 
 @dataclass
@@ -40,6 +48,12 @@ class ModelRunner:
         bs = self.kv.block_size
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        if self.decode_kernel:  # short chunks first: their rows are attended as decode rows
+            short = [s for s in prefills if self._context(s) <= KERNEL_PREFILL_MAX_CONTEXT]
+            prefills = short + [s for s in prefills if self._context(s) > KERNEL_PREFILL_MAX_CONTEXT]
+            row_items = decodes + short
+        else:
+            row_items = decodes
         ordered = decodes + prefills
         ids: list[int] = []
         positions: list[int] = []
@@ -54,21 +68,27 @@ class ModelRunner:
             table = req.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
 
-        nd = len(decodes)
+        # rows attended one query at a time: the decode tokens, plus the tokens of short
+        # prefill chunks when the kernel runs them
+        nd = sum(s.num_new_tokens for s in row_items)
         decode_tables = decode_mask = ctx = None
         if nd:
-            contexts = [s.request.num_computed_tokens + 1 for s in decodes]
-            max_blocks = self.kv.blocks_for(max(contexts))
-            rows = [s.request.block_ids[:max_blocks] for s in decodes]
-            padded = [row + [0] * (max_blocks - len(row)) for row in rows]
-            decode_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-            ctx = torch.tensor(contexts, dtype=torch.long, device=self.device)
+            max_blocks = self.kv.blocks_for(max(self._context(s) for s in row_items))
+            padded = [ids + [0] * (max_blocks - len(ids))
+                      for ids in (s.request.block_ids[:max_blocks] for s in row_items)]
+            tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+            ctx = torch.tensor(positions[:nd], dtype=torch.long, device=self.device) + 1
+            if nd == len(row_items):  # one row per request
+                decode_tables = tables
+            else:
+                per_item = torch.tensor([s.num_new_tokens for s in row_items], device=self.device)
+                decode_tables = tables.repeat_interleave(per_item, dim=0)
             if not self.decode_kernel:  # the kernel stops at each context length: no mask
                 key_pos = torch.arange(max_blocks * bs, device=self.device)
                 decode_mask = (key_pos[None, :] < ctx[:, None]).view(nd, 1, 1, -1)
 
         chunks = []
-        for item, start in zip(prefills, starts[nd:]):
+        for item, start in zip(ordered[len(row_items):], starts[len(row_items):]):
             req, n = item.request, item.num_new_tokens
             context = req.num_computed_tokens + n
             if req.num_computed_tokens == 0:
@@ -87,6 +107,11 @@ class ModelRunner:
                                  store_kernel=self.decode_kernel)
         return StepInputs(as_long(ids), as_long(positions), meta, ordered, starts,
                           as_long([row for _, row in sampled]), [item for item, _ in sampled])
+
+    @staticmethod
+    def _context(item: ScheduledRequest) -> int:
+        """Tokens the last new token of this step attends to."""
+        return item.request.num_computed_tokens + item.num_new_tokens
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Runs the step; returns logits [S, vocab] of the sampling requests, in `inputs.sampled` order."""

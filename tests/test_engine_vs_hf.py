@@ -73,6 +73,34 @@ def test_greedy_matches_hf(make_engine, expected, settings):
         assert engine.kv.pool.hits > 0
 
 
+def test_short_chunks_as_kernel_rows_next_to_sdpa_chunks(make_engine, expected, monkeypatch):
+    """With the limit lowered to 20 tokens, the short prompts' tokens are attended as one-query
+    rows of the paged kernel and the longer ones by SDPA, in the same steps."""
+    from engine import model_runner
+
+    monkeypatch.setattr(model_runner, "KERNEL_PREFILL_MAX_CONTEXT", 20)
+    prompts, want = expected
+    engine = make_engine(prefix_caching=False)
+    if not engine.runner.decode_kernel:
+        pytest.skip("the CPU attention kernel is not built here")
+    layouts = []
+    prepare = engine.runner.prepare
+
+    def spy(scheduled):
+        inputs = prepare(scheduled)
+        decodes = sum(item.num_new_tokens == 1 for item in scheduled)
+        layouts.append((inputs.meta.num_decode - decodes, len(inputs.meta.prefills)))
+        return inputs
+
+    monkeypatch.setattr(engine.runner, "prepare", spy)
+    got = engine.generate(prompts, GREEDY)
+    assert [c.token_ids for c in got] == want
+    # the first step: short prompts' tokens as kernel rows, the long prompts as SDPA chunks
+    short_tokens = sum(len(p) for p in prompts if 1 < len(p) <= 20)  # 1 token: a decode row
+    assert layouts[0] == (short_tokens, sum(len(p) > 20 for p in prompts))
+    assert short_tokens > 0 and layouts[0][1] > 0
+
+
 def test_torch_only_engine_matches_hf(make_engine, expected, monkeypatch):
     """With every C++ kernel and the weight packing switched off (torch ops only, the path
     CUDA and a machine without a compiler take) the tokens are the same."""
