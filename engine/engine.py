@@ -24,7 +24,7 @@ from engine.output_processor import OutputProcessor, RequestOutput
 from engine.request import FinishReason, KVSink, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState, make_generator, skip_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.runtime import keep_freed_memory
+from engine.runtime import keep_freed_memory, release_freed_memory
 from engine.scheduler import Scheduler
 
 
@@ -76,6 +76,8 @@ class Engine:
         weights = load_weights(self.model_dir, self.model_config, self.dtype)
         self.model = LlamaModel(self.model_config, weights, self.device, self.dtype)
         del weights
+        if self.device.type == "cpu":
+            release_freed_memory()  # the plain copies of the weights packed at load
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         self.kv = KVCache(self.model_config, config.cache, self.dtype, self.device)

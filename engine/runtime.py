@@ -45,6 +45,17 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the OS once (glibc malloc_trim), e.g. the plain weights
+    a model dropped after packing them: keep_freed_memory's trim threshold otherwise keeps
+    them in the process's RSS. Returns False where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def process_info() -> dict:
     info = {"pid": os.getpid(), "hostname": socket.gethostname(), "threads": torch.get_num_threads()}
     try:
