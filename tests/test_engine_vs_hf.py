@@ -125,3 +125,30 @@ def test_bfloat16_engine_starts_like_hf(model_dir, expected):
     assert engine.model.embed.dtype == torch.bfloat16 and not engine.model.fused
     got = engine.generate([prompts[1]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert got[0].token_ids == want[1][:4]
+
+
+def test_a_request_gets_the_same_logits_bits_alone_and_in_a_batch(make_engine, expected):
+    """On CPU with the kernels every op computes a row independently of the other rows of its
+    step (the packed linear, the paged attention for decode rows and short prefill chunks, the
+    fused per-row ops), so a request's logits have the same bits whatever it is batched with."""
+    prompts, _ = expected
+    engine = make_engine(prefix_caching=False)
+    if not (engine.runner.decode_kernel and engine.model.lm_head.packed is not None):
+        pytest.skip("the CPU kernels are not built here")
+    rows: dict[str, list[torch.Tensor]] = {}
+    execute = engine.runner.execute
+
+    def spy(inputs):
+        logits = execute(inputs)
+        for item, row in zip(inputs.sampled, logits):
+            rows.setdefault(item.request.request_id, []).append(row.clone())
+        return logits
+
+    engine.runner.execute = spy
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = engine.generate([prompts[2]], params)[0]
+    batched = engine.generate(prompts, params)[2]
+    assert alone.token_ids == batched.token_ids
+    got, want = rows[batched.request_id], rows[alone.request_id]
+    assert len(got) == len(want) == 6
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
