@@ -48,12 +48,12 @@ class ModelRunner:
         bs = self.kv.block_size
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        row_items = decodes
         if self.decode_kernel:  # short chunks first: their rows are attended as decode rows
-            short = [s for s in prefills if self._context(s) <= KERNEL_PREFILL_MAX_CONTEXT]
-            prefills = short + [s for s in prefills if self._context(s) > KERNEL_PREFILL_MAX_CONTEXT]
-            row_items = decodes + short
-        else:
-            row_items = decodes
+            short = [self._context(s) <= KERNEL_PREFILL_MAX_CONTEXT for s in prefills]
+            prefills = ([s for s, is_short in zip(prefills, short) if is_short]
+                        + [s for s, is_short in zip(prefills, short) if not is_short])
+            row_items = decodes + prefills[:sum(short)]
         ordered = decodes + prefills
         ids: list[int] = []
         positions: list[int] = []

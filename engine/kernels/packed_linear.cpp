@@ -80,25 +80,31 @@ struct Block {
   const float* w;        // [kc, NR] of one panel
   int kc;                // k's in this block
   bool first, last;      // the first / last block of the panel's K
-  const float* bias;     // [NR] (padded) added by the last block, or nullptr
+  const float* bias;     // the panel's first bias value (added by the last block), or nullptr
   int cols;              // valid output columns of the panel (NR but for the last panel)
 };
+
+// out = src[0:cols] as NV vectors, zero-padded past cols (the last panel's partial row).
+inline void load_cols(const float* src, int cols, vecw (&out)[NV]) {
+  if (cols == NR) {
+    for (int v = 0; v < NV; ++v) out[v] = loadw(src + v * VW);
+    return;
+  }
+  float tmp[NR] = {};
+  std::memcpy(tmp, src, cols * sizeof(float));
+  for (int v = 0; v < NV; ++v) out[v] = loadw(tmp + v * VW);
+}
 
 // y[r, 0:cols] (+)= sum_k x[r, k] * w[k, 0:cols] for the R rows of a tile; ldx/ldy row strides.
 template <int R>
 inline void tile(const float* __restrict x, int64_t ldx, float* __restrict y, int64_t ldy,
                  const Block& b) {
   vecw acc[R][NV];
-  float tmp[NR];
   for (int r = 0; r < R; ++r) {
     if (b.first) {
       for (int v = 0; v < NV; ++v) acc[r][v] = vecw{};
-    } else if (b.cols == NR) {
-      for (int v = 0; v < NV; ++v) acc[r][v] = loadw(y + r * ldy + v * VW);
     } else {
-      std::memset(tmp, 0, sizeof(tmp));
-      std::memcpy(tmp, y + r * ldy, b.cols * sizeof(float));
-      for (int v = 0; v < NV; ++v) acc[r][v] = loadw(tmp + v * VW);
+      load_cols(y + r * ldy, b.cols, acc[r]);
     }
   }
   const float* __restrict w = b.w;
@@ -112,13 +118,16 @@ inline void tile(const float* __restrict x, int64_t ldx, float* __restrict y, in
     }
   }
   if (b.last && b.bias != nullptr) {
+    vecw bv[NV];
+    load_cols(b.bias, b.cols, bv);
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] += loadw(b.bias + v * VW);
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v];
   }
   for (int r = 0; r < R; ++r) {
     if (b.cols == NR) {
       for (int v = 0; v < NV; ++v) storew(y + r * ldy + v * VW, acc[r][v]);
     } else {
+      float tmp[NR];
       for (int v = 0; v < NV; ++v) storew(tmp + v * VW, acc[r][v]);
       std::memcpy(y + r * ldy, tmp, b.cols * sizeof(float));
     }
@@ -132,8 +141,8 @@ inline void tail_tile(int rows, const float* x, int64_t ldx, float* y, int64_t l
   ((rows == Rs + 1 ? tile<Rs + 1>(x, ldx, y, ldy, b) : void()), ...);
 }
 
-// Rows [m0, m1) of x against panels [p0, p1), K in blocks of kc.
-void run_range(const float* x, int64_t ldx, const float* wp, const float* bias_padded, float* y,
+// All M rows of x against panels [p0, p1), K in blocks of kc.
+void run_range(const float* x, int64_t ldx, const float* wp, const float* bias, float* y,
                int64_t N, int64_t K, int64_t kc, int64_t M, int64_t p0, int64_t p1) {
   for (int64_t mc = 0; mc < M; mc += MC) {
     const int64_t mend = std::min(M, mc + MC);
@@ -144,7 +153,7 @@ void run_range(const float* x, int64_t ldx, const float* wp, const float* bias_p
         b.kc = static_cast<int>(std::min(kc, K - k0));
         b.first = k0 == 0;
         b.last = k0 + b.kc == K;
-        b.bias = bias_padded != nullptr ? bias_padded + p * NR : nullptr;
+        b.bias = bias != nullptr ? bias + p * NR : nullptr;
         b.cols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
         float* yp = y + p * NR;
         int64_t m = mc;
@@ -202,19 +211,16 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  at::Tensor bias_padded;
+  at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N,
                 "packed_linear: bias must be float32 with ", N, " values");
-    bias_padded = at::zeros({P * NR}, x.options());
-    bias_padded.narrow(0, 0, N).copy_(bias->reshape({N}));
+    b = bias->reshape({N}).contiguous();
   }
-  if (K == 0) {
-    return bias_padded.defined() ? y.copy_(bias_padded.narrow(0, 0, N).expand({M, N})) : y.zero_();
-  }
+  if (K == 0) return b.defined() ? y.copy_(b.expand({M, N})) : y.zero_();
   const float* xp = xc.const_data_ptr<float>();
   const float* wp = packed.const_data_ptr<float>();
-  const float* bp = bias_padded.defined() ? bias_padded.const_data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t ldx = xc.stride(0), kc = k_block(K);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
