@@ -10,7 +10,8 @@ its GQA group of query heads. float32, bfloat16 and float16
 
 The same extension carries the float32 linear layer of packed_linear.cpp (`pack_linear_weight`,
 `packed_linear`: a weight packed once into column panels, for every row count from batch-1
-decode to a prefill chunk) and the fused float32 residual-add + RMSNorm, in-place RoPE,
+decode to a prefill chunk; `pack_gated_weight`, `gated_linear`: a gated MLP's gate_up
+projection with silu(gate) * up in its epilogue) and the fused float32 residual-add + RMSNorm, in-place RoPE,
 silu(gate) * up and the K/V write into cache slots of fused_ops.cpp (`add_rms_norm`, `rope_`,
 `silu_mul`, `store_kv`).
 
@@ -140,6 +141,10 @@ def _build() -> None:
     y = torch.ops.pdserve.packed_linear(x, torch.ops.pdserve.pack_linear_weight(w), b, 5)
     if not torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5):
         raise RuntimeError("the compiled linear kernel fails its smoke test")
+    gate, up = F.linear(x, w[:4]).chunk(2, dim=-1)
+    y = torch.ops.pdserve.gated_linear(x, torch.ops.pdserve.pack_gated_weight(w[:4]), 2)
+    if not torch.allclose(y, F.silu(gate) * up, rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the compiled gated linear kernel fails its smoke test")
 
 
 def forced_off() -> bool:
@@ -194,6 +199,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     """x [rows, in] float32 (rows may be strided) -> x W^T + bias [rows, out_features], W as
     packed by `pack_linear_weight`. A row's result has the same bits whatever the other rows."""
     return torch.ops.pdserve.packed_linear(x, packed, bias, out_features)
+
+
+def pack_gated_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's gate_up weight [2I, in] float32 (gate rows, then up rows) -> the panel pairs
+    `gated_linear` reads, [2 * ceil(I / NR), in, NR]: gate panel j, then the up panel of the
+    same output columns."""
+    return torch.ops.pdserve.pack_gated_weight(weight)
+
+
+def gated_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [rows, in] float32 -> silu(x Wg^T) * (x Wu^T) [rows, out_features], one pass over a
+    weight packed by `pack_gated_weight`: the same bits as `packed_linear` then `silu_mul`."""
+    return torch.ops.pdserve.gated_linear(x, packed, out_features)
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

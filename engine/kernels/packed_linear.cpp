@@ -40,6 +40,8 @@
 #include <optional>
 #include <utility>
 
+#include "vec16.h"
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -167,29 +169,98 @@ void run_range(const float* x, int64_t ldx, const float* wp, const float* bias, 
   }
 }
 
+// out[m, j * NR + c] = silu(g) * u for all M rows and the column panels j in [j0, j1) of a
+// gated pair weight: per chunk of MC rows, the gate and up sums of a panel pair go to this
+// thread's scratch (MC x NR each, in L1/L2), then through silu_mul_row into out. The sums are
+// the same FMA chains as run_range's, so the result has packed_linear + silu_mul's bits.
+void run_gated_range(const float* x, int64_t ldx, const float* wp, float* out, int64_t I, int64_t K,
+                     int64_t kc, int64_t M, int64_t j0, int64_t j1) {
+  alignas(64) float gate[MC * NR];
+  alignas(64) float up[MC * NR];
+  for (int64_t mc = 0; mc < M; mc += MC) {
+    const int64_t mend = std::min(M, mc + MC);
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        Block b[2];
+        for (int h = 0; h < 2; ++h) {
+          b[h].w = wp + ((2 * j + h) * K + k0) * NR;
+          b[h].kc = static_cast<int>(std::min(kc, K - k0));
+          b[h].first = k0 == 0;
+          b[h].last = k0 + b[h].kc == K;
+          b[h].bias = nullptr;
+          b[h].cols = NR;  // the scratch rows are NR wide; padded columns sum to 0
+        }
+        float* dst[2] = {gate, up};
+        int64_t m = mc;
+        for (; m + MR <= mend; m += MR) {
+          for (int h = 0; h < 2; ++h) tile<MR>(x + m * ldx + k0, ldx, dst[h] + (m - mc) * NR, NR, b[h]);
+        }
+        if (m < mend) {
+          for (int h = 0; h < 2; ++h) {
+            tail_tile(static_cast<int>(mend - m), x + m * ldx + k0, ldx, dst[h] + (m - mc) * NR, NR,
+                      b[h], std::make_integer_sequence<int, MR - 1>{});
+          }
+        }
+      }
+      const int64_t cols = std::min<int64_t>(NR, I - j * NR);
+      for (int64_t m = mc; m < mend; ++m) {
+        silu_mul_row(gate + (m - mc) * NR, up + (m - mc) * NR, out + m * I + j * NR, cols);
+      }
+    }
+  }
+}
+
 // K split into equal blocks of at most KC_MAX (a multiple of 16 but for the last).
 int64_t k_block(int64_t K) {
   const int64_t blocks = (K + KC_MAX - 1) / KC_MAX;
   return std::max<int64_t>(16, ((K + blocks - 1) / blocks + 15) / 16 * 16);
 }
 
+// Panel `dst_panel` of dst [*, K, NR] <- rows [r0, r0 + cols) of src [*, K], transposed.
+void pack_panel(const float* src, int64_t r0, int64_t cols, int64_t K, float* dst,
+                int64_t dst_panel) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* row = src + (r0 + c) * K;
+    float* col = dst + dst_panel * K * NR + c;
+    for (int64_t k = 0; k < K; ++k) col[k * NR] = row[k];
+  }
+}
+
+void check_weight(const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2, op,
+              ": a float32 CPU [out, in] weight expected");
+}
+
 // w [N, K] float32 -> [ceil(N / NR), K, NR], zero-padded.
 at::Tensor pack_linear_weight(const at::Tensor& w) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2,
-              "pack_linear_weight: a float32 CPU [out, in] weight expected");
+  check_weight(w, "pack_linear_weight");
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
   at::Tensor packed = at::zeros({P, K, NR}, w.options());
   const at::Tensor wc = w.contiguous();
   const float* src = wc.const_data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min<int64_t>(NR, N - p * NR);
-      for (int64_t c = 0; c < cols; ++c) {
-        const float* row = src + (p * NR + c) * K;
-        float* col = dst + p * K * NR + c;
-        for (int64_t k = 0; k < K; ++k) col[k * NR] = row[k];
-      }
+    for (int64_t p = p0; p < p1; ++p) pack_panel(src, p * NR, std::min<int64_t>(NR, N - p * NR), K, dst, p);
+  });
+  return packed;
+}
+
+// The gate and up projections of a gated MLP, w [2I, K] (gate rows first, as the fused gate_up
+// weight), -> [2 * ceil(I / NR), K, NR]: gate panel j at 2j, the up panel of the same columns
+// at 2j + 1, so that one thread computes both halves of an output column.
+at::Tensor pack_gated_weight(const at::Tensor& w) {
+  check_weight(w, "pack_gated_weight");
+  TORCH_CHECK(w.size(0) % 2 == 0, "pack_gated_weight: the gate_up weight has ", w.size(0),
+              " rows, not gate and up halves of equal size");
+  const int64_t I = w.size(0) / 2, K = w.size(1), P = (I + NR - 1) / NR;
+  at::Tensor packed = at::zeros({2 * P, K, NR}, w.options());
+  const at::Tensor wc = w.contiguous();
+  const float* src = wc.const_data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, 2 * P, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j = q / 2, cols = std::min<int64_t>(NR, I - j * NR);
+      pack_panel(src, (q % 2) * I + j * NR, cols, K, dst, q);
     }
   });
   return packed;
@@ -229,6 +300,33 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
   return y;
 }
 
+// silu(x Wg^T) * (x Wu^T) [M, I] for x [M, K] and a weight from pack_gated_weight: the MLP's
+// gate_up projection and its activation in one pass, without the [M, 2I] intermediate.
+at::Tensor gated_linear(const at::Tensor& x, const at::Tensor& packed, int64_t I) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "gated_linear: x must be a float32 CPU [rows, in] tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 3 && packed.size(2) == NR &&
+                  packed.size(0) % 2 == 0 && packed.is_contiguous(),
+              "gated_linear: the weight must come from pack_gated_weight");
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0) / 2;
+  TORCH_CHECK(packed.size(1) == K, "gated_linear: x has ", K, " features, the weight ",
+              packed.size(1));
+  TORCH_CHECK(I > (P - 1) * NR && I <= P * NR, "gated_linear: ", I,
+              " output features do not match the packed weight's ", P, " panel pairs of ", NR);
+  at::Tensor y = at::empty({M, I}, x.options());
+  if (M == 0) return y;
+  if (K == 0) return y.zero_();  // silu(0) * 0
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const float* xp = xc.const_data_ptr<float>();
+  const float* wp = packed.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ldx = xc.stride(0), kc = k_block(K);
+  at::parallel_for(0, P, 1, [&](int64_t j0, int64_t j1) {
+    run_gated_range(xp, ldx, wp, yp, I, K, kc, M, j0, j1);
+  });
+  return y;
+}
+
 }  // namespace
 
 #ifndef PD_NS
@@ -238,9 +336,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
 TORCH_LIBRARY_FRAGMENT(PD_NS, m) {
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("pack_gated_weight(Tensor w) -> Tensor");
+  m.def("gated_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PD_NS, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("packed_linear", &packed_linear);
+  m.impl("pack_gated_weight", &pack_gated_weight);
+  m.impl("gated_linear", &gated_linear);
 }

@@ -43,4 +43,23 @@ inline vec16 exp16(vec16 x) {
   return p * __builtin_bit_cast(vec16, bits);
 }
 
+// o[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n, every element through
+// exp16 (a partial last vector padded with zeros): an element's bits do not depend on where it
+// sits, so the fused MLP epilogue (packed_linear.cpp) and silu_mul (fused_ops.cpp) agree.
+inline void silu_mul_row(const float* g, const float* u, float* o, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec16 x = load16(g + i);
+    store16(o + i, x / (1.0f + exp16(-x)) * load16(u + i));
+  }
+  if (i < n) {
+    float gt[16] = {}, ut[16] = {}, ot[16];
+    std::memcpy(gt, g + i, (n - i) * sizeof(float));
+    std::memcpy(ut, u + i, (n - i) * sizeof(float));
+    const vec16 x = load16(gt);
+    store16(ot, x / (1.0f + exp16(-x)) * load16(ut));
+    std::memcpy(o + i, ot, (n - i) * sizeof(float));
+  }
+}
+
 }  // namespace

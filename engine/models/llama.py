@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) over a flat token batch with a paged KV cache.
 
-Weights are fused at load time so a layer is four matmuls: QKV, output, gate+up and down;
-then, once per step, the LM head over only the rows that are sampled. Each is an
-engine.kernels.linear.Linear, which picks its CPU path by the step's row count.
+Weights are fused at load time so a layer is four matmuls: QKV, output, gate+up (with
+silu(gate) * up) and down; then, once per step, the LM head over only the rows that are
+sampled. Each is an engine.kernels.linear.Linear (the gate+up a GatedLinear), which packs
+float32 CPU weights for the C++ kernel.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.kernels import cpu_ops
-from engine.kernels.linear import Linear
+from engine.kernels.linear import GatedLinear, Linear
 
 LayerHook = Callable[[int], None]  # called with the layer index once its K/V is in the cache
 
@@ -50,7 +51,7 @@ class LlamaLayer:
         self.qkv = Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
                                      w("self_attn.v_proj.weight")]), qkv_bias)
         self.o_proj = Linear(w("self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
+        self.gate_up = GatedLinear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
         self.down = Linear(w("mlp.down_proj.weight"))
         self.input_norm = w("input_layernorm.weight")
         self.post_norm = w("post_attention_layernorm.weight")
@@ -102,7 +103,7 @@ class LlamaModel:
                 layer_hook(i)
             x = ops.add_norm(hidden, layer.o_proj(attn.view(num_tokens, self.q_size)), layer.post_norm)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            x = ops.add_norm(hidden, layer.down(ops.silu_mul(layer.gate_up(x))), next_norm)
+            x = ops.add_norm(hidden, layer.down(layer.gate_up(x)), next_norm)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -111,8 +112,7 @@ class LlamaModel:
 
 
 class _TorchOps:
-    """The layer's small ops in torch: residual add + RMSNorm, RoPE, silu(gate) * up (any device
-    and dtype)."""
+    """The layer's small ops in torch: residual add + RMSNorm and RoPE (any device and dtype)."""
 
     def __init__(self, model: LlamaModel, positions: torch.Tensor):
         cfg = model.config
@@ -134,12 +134,6 @@ class _TorchOps:
         qk = qkv[:, :self.heads * self.head_dim].view(qkv.shape[0], self.heads, self.head_dim)
         qk.copy_(apply_rope(qk, self.cos, self.sin))
 
-    @staticmethod
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up [T, 2I] -> silu(gate) * up [T, I]."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
 
 class _FusedOps:
     """The same ops as _TorchOps, one C++ call each (float32 on CPU)."""
@@ -156,5 +150,3 @@ class _FusedOps:
 
     def rope_(self, qkv: torch.Tensor) -> None:
         cpu_ops.rope_(qkv, self.positions, self.cos, self.sin, self.heads, self.head_dim)
-
-    silu_mul = staticmethod(cpu_ops.silu_mul)
