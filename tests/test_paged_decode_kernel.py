@@ -107,6 +107,21 @@ def test_int32_tables_and_out_argument():
     assert_close(out, reference(q, kv, tables, ctx, 0.125), rtol=1e-5)
 
 
+def test_queries_read_in_place_from_a_wider_row():
+    """q as the engine passes it, a view into the fused QKV rows (rows strided, heads
+    contiguous), and a q whose heads are strided too: the same bits as a contiguous copy."""
+    q, kv, tables, ctx = make_case([5, 17, 40, 3], 3, 3, 64, 16, seed=4)
+    want = cpu_ops.paged_decode_attention(q, kv, tables, ctx, 0.125)
+    qkv = torch.full((4, (9 + 6) * 64), float("nan"))  # K and V columns after the queries
+    qkv[:, :9 * 64] = q.flatten(1)
+    view = qkv[:, :9 * 64].view(4, 9, 64)
+    assert not view.is_contiguous()
+    assert torch.equal(cpu_ops.paged_decode_attention(view, kv, tables, ctx, 0.125), want)
+    heads_strided = torch.cat([q, q], dim=2)[:, :, :64]
+    assert heads_strided.stride(1) != 64
+    assert torch.equal(cpu_ops.paged_decode_attention(heads_strided, kv, tables, ctx, 0.125), want)
+
+
 def test_same_bits_whatever_the_batch_and_threads():
     """A request's output does not depend on the thread count or on its batch neighbours."""
     q, kv, tables, ctx = make_case([1, 33, 100, 517, 64, 2], 3, 3, 64, 16, seed=3)

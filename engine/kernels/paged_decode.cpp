@@ -159,6 +159,7 @@ inline void to_float(float* __restrict dst, const scalar_t* __restrict src, int 
 
 struct Geometry {
   int64_t N, H, KV, G, D, BS, num_blocks, max_blocks;
+  int64_t q_row_stride;  // elements between two requests' queries (heads within one contiguous)
   int64_t kv_which_stride, kv_block_stride, kv_tok_stride, kv_head_stride;
   int64_t bt_row_stride, bt_col_stride;
   bool bt_int32;  // block table entries are int32 (else int64)
@@ -254,7 +255,7 @@ void attend_item(const Geometry& g, Scratch& sc, const scalar_t* __restrict q_al
   float* __restrict s = sc.s;
   float* __restrict m = sc.m;
   float* __restrict l = sc.l;
-  const scalar_t* qn = q_all + (n * g.H + it.kv0 * G) * D;
+  const scalar_t* qn = q_all + n * g.q_row_stride + it.kv0 * G * D;
   for (int i = 0; i < nh * D; ++i) q[i] = static_cast<float>(qn[i]) * scale;
   std::fill(acc, acc + nh * D, 0.f);
 
@@ -484,7 +485,9 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q_in, const
   g.kv_head_stride = kv.stride(3);
   g.bt_row_stride = block_tables.stride(0);
   g.bt_col_stride = block_tables.stride(1);
-  const at::Tensor q = q_in.contiguous();
+  // q is usually a view into the fused QKV output: rows strided, each row's heads contiguous
+  const at::Tensor q = q_in.stride(2) == 1 && q_in.stride(1) == g.D ? q_in : q_in.contiguous();
+  g.q_row_stride = q.stride(0);
   const at::Tensor ctx_t = context_lens.scalar_type() == at::kLong
                                ? context_lens.contiguous()
                                : context_lens.to(at::kLong).contiguous();
