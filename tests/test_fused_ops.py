@@ -121,6 +121,35 @@ def test_store_kv_refuses_a_slot_outside_the_cache():
     assert not kv_layer.any()  # checked before anything is written
 
 
+@pytest.mark.parametrize("rows, vocab", [(1, 49152), (64, 49152), (5, 37), (3, 1)])
+def test_argmax_rows_matches_torch_argmax(threads, rows, vocab):
+    gen = torch.Generator().manual_seed(rows + vocab)
+    x = torch.randn(rows, vocab, generator=gen)
+    if vocab > 20:
+        x[0, 3] = x[0, vocab - 2] = 50.0  # a tie: the first index wins
+        x[-1, -1] = 60.0  # the maximum in the tail past the last 16 lanes
+    assert torch.equal(cpu_ops.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_rows_edge_values_and_strided_rows():
+    x = torch.randn(6, 40)
+    x[0] = -float("inf")  # all -inf: index 0
+    x[1, 7] = float("nan")
+    x[1, 9] = float("inf")  # a NaN beats +inf
+    x[2, 35] = float("nan")  # a NaN in the tail
+    x[3, :] = 0.0
+    x[3, 5] = -0.0  # equal to 0.0: the first zero wins
+    x[4, 20] = float("inf")
+    assert torch.equal(cpu_ops.argmax_rows(x), x.argmax(dim=-1))
+    wide = torch.randn(4, 100)
+    view = wide[:, 10:60]  # rows 100 floats apart
+    assert torch.equal(cpu_ops.argmax_rows(view), view.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        cpu_ops.argmax_rows(torch.randn(4, 6).t())
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        cpu_ops.argmax_rows(torch.randn(4, 0))
+
+
 def test_model_forward_same_with_fused_ops_on_and_off(make_engine):
     """Final hidden states of a mixed step (prefill + decode) agree between the C++ and the
     torch versions of the small ops, and greedy tokens are the same."""

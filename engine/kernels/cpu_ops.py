@@ -12,8 +12,8 @@ The same extension carries the float32 linear layer of packed_linear.cpp (`pack_
 `packed_linear`: a weight packed once into column panels, for every row count from batch-1
 decode to a prefill chunk; `pack_gated_weight`, `gated_linear`: a gated MLP's gate_up
 projection with silu(gate) * up in its epilogue) and the fused float32 residual-add + RMSNorm, in-place RoPE,
-silu(gate) * up and the K/V write into cache slots of fused_ops.cpp (`add_rms_norm`, `rope_`,
-`silu_mul`, `store_kv`).
+silu(gate) * up, the K/V write into cache slots and a greedy argmax over rows of fused_ops.cpp
+(`add_rms_norm`, `rope_`, `silu_mul`, `store_kv`, `argmax_rows`).
 
 `available()` builds the extension once per process (torch.utils.cpp_extension with ninja and
 the C++ compiler, -O3 -march=native -fopenmp, about 15 s; then cached on disk in torch's
@@ -242,6 +242,14 @@ def store_kv(kv_layer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: to
     """Writes k/v [T, KV, D] (each token's KV * D values contiguous) into kv_layer [2,
     num_blocks, block_size, KV, D] at the flat slots [T] int64; any dtype, CPU."""
     torch.ops.pdserve.store_kv(kv_layer, slots, k, v)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] float32 (each row contiguous) -> int64 [rows]: torch.argmax(x, dim=-1)'s
+    answer (first index of the maximum, a NaN counts as the maximum), rows split over threads."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    torch.ops.pdserve.argmax_rows(out, x)
+    return out
 
 
 def build_seconds() -> float | None:

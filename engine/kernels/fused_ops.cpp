@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 
 #include "vec16.h"
 
@@ -161,6 +162,61 @@ void store_kv(at::Tensor kv_layer, const at::Tensor& slots, const at::Tensor& k,
   });
 }
 
+// out[n] = the index of row n's maximum, the first one on ties; a NaN counts as the largest
+// value (torch.argmax's rule). torch's CPU argmax runs one row at a time without vectors:
+// ~1.8 ms for a decode step's [64, 49152] logits here, against ~0.07 for its amax.
+void argmax_rows(at::Tensor out, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) > 0 &&
+                  x.stride(1) == 1,
+              "argmax_rows: a float32 CPU [rows, n > 0] tensor with contiguous rows expected");
+  TORCH_CHECK(out.dtype() == at::kLong && out.dim() == 1 && out.size(0) == x.size(0) &&
+                  out.is_contiguous(),
+              "argmax_rows: out must be a contiguous int64 [rows]");
+  const int64_t N = x.size(0), V = x.size(1), ld = x.stride(0), V16 = V / 16 * 16;
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, N, kRowGrain / 4, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = xp + n * ld;
+      // per lane: its maximum and where (strict >: the first), NaNs aside (a comparison with
+      // NaN is false); and whether there is a NaN
+      vec16 mx = vec16{} - std::numeric_limits<float>::infinity();
+      ivec16 where = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, lane = where;
+      ivec16 nan = {};
+      for (int64_t i = 0; i < V16; i += 16) {
+        const vec16 v = load16(row + i);
+        const ivec16 gt = v > mx;
+        mx = gt ? v : mx;
+        where = gt ? lane : where;
+        lane += 16;
+        nan |= v != v;
+      }
+      float best = mx[0];
+      int64_t at = where[0];
+      bool any_nan = nan[0] != 0;
+      for (int l = 1; l < 16; ++l) {
+        if (mx[l] > best || (mx[l] == best && where[l] < at)) {
+          best = mx[l];
+          at = where[l];
+        }
+        any_nan |= nan[l] != 0;
+      }
+      for (int64_t i = V16; i < V; ++i) {  // after every vector index: strict >
+        if (row[i] > best) {
+          best = row[i];
+          at = i;
+        }
+        any_nan |= std::isnan(row[i]);
+      }
+      if (any_nan) {
+        at = 0;
+        while (!std::isnan(row[at])) ++at;
+      }
+      op[n] = at;
+    }
+  });
+}
+
 }  // namespace
 
 #ifndef PD_NS
@@ -174,6 +230,7 @@ TORCH_LIBRARY_FRAGMENT(PD_NS, m) {
         "int head_dim) -> ()");
   m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
   m.def("store_kv(Tensor(a!) kv_layer, Tensor slots, Tensor k, Tensor v) -> ()");
+  m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(PD_NS, CPU, m) {
@@ -181,4 +238,5 @@ TORCH_LIBRARY_IMPL(PD_NS, CPU, m) {
   m.impl("rope_", &rope_);
   m.impl("silu_mul", &silu_mul);
   m.impl("store_kv", &store_kv);
+  m.impl("argmax_rows", &argmax_rows);
 }
