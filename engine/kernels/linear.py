@@ -10,7 +10,7 @@ its step, so a request computes the same bits in any batch.
 
 A gated MLP's gate_up projection is a GatedLinear: packed as pairs of gate and up panels, its
 kernel applies silu(gate) * up in the epilogue, so the [rows, 2 * intermediate] output is never
-written out and read back (a 2048-token prefill step wrote and re-read ~38 MB a layer for it).
+written out and read back (25 MB a layer in a 2048-token prefill step).
 
 Other devices and dtypes, `PDSERVE_LINEAR=torch`, and builds without the C++ kernels keep the
 plain weight and `F.linear`.

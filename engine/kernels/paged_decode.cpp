@@ -290,9 +290,9 @@ void attend_item(const Geometry& g, Scratch& sc, const scalar_t* __restrict q_al
       const int h0 = j * G;
       float* sg = s + h0 * kTile;
       // prefetch head j's rows of the prefetched tile: its K rows a few positions per score
-      // step, its V rows a third per query head's accumulation (both during the scores: the
-      // bursts filled the miss buffers and the arithmetic waited, 0.92 vs 0.67 ms a layer for
-      // 64 requests of 192 positions)
+      // step, its V rows a third per query head's accumulation (with both during the scores,
+      // the bursts filled the miss buffers and the arithmetic waited: 0.92 vs 0.67 ms a layer
+      // for 64 requests of 192 positions)
       const bool pf = j < pheads;
       int pf_k = 0, pf_v = 0;
       auto prefetch_rows = [&](int& next, int upto, int64_t which) {
@@ -439,7 +439,7 @@ void check_tables(const Geometry& g, const void* bt, const int64_t* ctx) {
   }
 }
 
-// out [N, H, D] (contiguous, written), q [N, H, D], kv_layer [2, num_blocks, block_size, KV, D]
+// out [N, H, D] (contiguous, written), q [N, H, D] (rows may be strided), kv_layer [2, num_blocks, block_size, KV, D]
 // (last dim contiguous), block_tables [N, max_blocks] int32/int64, context_lens [N] int32/int64.
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& kv,
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
