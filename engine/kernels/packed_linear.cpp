@@ -23,9 +23,10 @@
 // memory; while the later tiles run from L2, they request the next block of the thread's
 // stream (prefetcht2), one line every few k's, spread evenly over those tiles: a burst of
 // prefetches fills the line-fill buffers and stalls the FMAs. On the 2-core Xeon (AVX-512)
-// of 2026-12-07, the default model's 30 layers at 64 rows went 219 -> 301 GFLOP/s (79 -> 57 ms
-// a decode step), 2048 rows 324 -> 348; on the AMD EPYC (AVX2) of 2026-11-24 prefetches
-// issued in bursts had made them 4-9 % slower (the spread form was not measured there).
+// of 2026-12-07, the default model's 30 layers and LM head at 64 rows went 217 -> 283
+// GFLOP/s (79 -> 61 ms a decode step), at 2048 rows 1411 -> 1336 ms; on the AMD EPYC (AVX2)
+// of 2026-11-24 prefetches issued in bursts had made them 4-9 % slower (the spread form was
+// not measured there).
 //
 // Gated MLP (gated_linear): the gate_up weight is packed as pairs of panels, gate columns
 // then the up columns of the same outputs, and a thread computes a pair into scratch and writes
@@ -121,8 +122,9 @@ struct StreamPrefetch {
   }
 };
 
-// Panel p's block at k0 of a weight packed as [panels, K, NR] in a thread's stream of panels
-// [.., p1), or the first block of panel p + step (the next one this thread reads), or nullptr.
+// The block a thread reads after panel p's block at k0 (a weight packed as [panels, K, NR], the
+// thread's panels p, p + step, ... below p1): the panel's next K block, else the first block of
+// panel p + step, else nullptr. Its size in floats goes to *floats.
 inline const float* next_block(const float* wp, int64_t K, int64_t kc, int64_t p, int64_t k0,
                                int64_t step, int64_t p1, int64_t* floats) {
   if (k0 + kc < K) {
