@@ -257,12 +257,12 @@ void run_gated_range(const float* x, int64_t ldx, const float* wp, float* out, i
         float* dst[2] = {gate, up};
         // the gate half's tiles request its next block, the up half's tiles the up one's
         const int64_t tiles = (mend - mc + MR - 1) / MR;
-        StreamPrefetch pf[2] = {{nullptr, 0, 0}, {nullptr, 0, 0}};
-        for (int h = 0; h < 2; ++h) {
+        auto stream = [&](int h) {
           int64_t floats = 0;
           const float* next = next_block(wp, K, kc, 2 * j + h, k0, 2, 2 * j1, &floats);
-          pf[h] = StreamPrefetch(next, floats, tiles);
-        }
+          return StreamPrefetch(next, floats, tiles);
+        };
+        StreamPrefetch pf[2] = {stream(0), stream(1)};
         int64_t m = mc;
         for (; m + MR <= mend; m += MR) {
           for (int h = 0; h < 2; ++h) {
