@@ -101,6 +101,25 @@ def test_short_chunks_as_kernel_rows_next_to_sdpa_chunks(make_engine, expected, 
     assert short_tokens > 0 and layouts[0][1] > 0
 
 
+@pytest.mark.parametrize("math", ["ieee", "bf16x3", "bf16x6"])
+def test_every_fp32_matmul_matches_hf(make_engine, expected, monkeypatch, math):
+    """The packed linears' float32 maths (PDSERVE_FP32_MATMUL): the FMA kernel, and the AMX
+    kernel with two or three bf16 parts where the CPU has AMX."""
+    from engine.kernels import cpu_ops
+
+    if math != "ieee" and not cpu_ops.amx_available():
+        pytest.skip("no AMX on this CPU (or in this kernel build)")
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", math)
+    prompts, want = expected
+    engine = make_engine()
+    if engine.model.lm_head.packed is None:
+        pytest.skip("the CPU kernels are not built here")
+    assert {lin.math for layer in engine.model.layers
+            for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)} == {math}
+    got = engine.generate(prompts, GREEDY)
+    assert [c.token_ids for c in got] == want
+
+
 def test_torch_only_engine_matches_hf(make_engine, expected, monkeypatch):
     """With every C++ kernel and the weight packing switched off (torch ops only, the path
     CUDA and a machine without a compiler take) the tokens are the same."""

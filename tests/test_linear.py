@@ -1,6 +1,6 @@
-"""engine.kernels.linear and the packed linear kernels (packed_linear.cpp): every path computes
-F.linear (GatedLinear: silu(gate) * up of it), and the packed one gives a row the same bits
-whatever else is in its batch."""
+"""engine.kernels.linear and the packed linear kernels (packed_linear.cpp, and amx_linear.cpp where
+the CPU has AMX): every path computes F.linear (GatedLinear: silu(gate) * up of it) within its
+float32 math's error, and the packed ones give a row the same bits whatever else is in its batch."""
 from __future__ import annotations
 
 import pytest
@@ -9,11 +9,35 @@ import torch.nn.functional as F
 
 from engine.kernels import cpu_ops
 from engine.kernels import linear as linear_mod
-from engine.kernels.linear import GatedLinear, Linear, packing_enabled
+from engine.kernels.linear import GatedLinear, Linear, fp32_matmul_mode, packing_enabled
+
+# Error bound per unit of sum_k |x_k| |w_k|: float32 rounding (ieee, and bf16x6's three parts hold
+# float32's 24 bits) far below 2^-18; bf16x3's two parts drop ~2^-16 of each product.
+ERROR_PER_ABS_SUM = {"ieee": 2.0 ** -18, "bf16x6": 2.0 ** -18, "bf16x3": 2.0 ** -14}
+
+
+@pytest.fixture(params=["ieee", "bf16x3", "bf16x6"])
+def math(request, kernel, monkeypatch):
+    """Runs the test for each float32 math of packed weights (PDSERVE_FP32_MATMUL); the AMX ones
+    only on a CPU with AMX."""
+    if request.param != "ieee" and not cpu_ops.amx_available():
+        pytest.skip("no AMX on this CPU (or in this kernel build)")
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", request.param)
+    return request.param
 
 
 def _reference(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
+
+
+def _error_bound(x, weight, math):
+    """[rows, out] float64: what the math may be off by, per output."""
+    return ERROR_PER_ABS_SUM[math] * (x.double().abs() @ weight.double().abs().T) + 1e-6
+
+
+def _assert_near(got, want, bound):
+    err = (got.double() - want.double()).abs()
+    assert bool((err <= bound).all()), f"error {err.max().item():.3g}, bound there {bound.flatten()[err.argmax()].item():.3g}"
 
 
 def _random(*shapes, seed):
@@ -25,19 +49,32 @@ def _random(*shapes, seed):
 @pytest.mark.parametrize("out_features, in_features", [(200, 96), (49, 1600), (1, 7)])
 @pytest.mark.parametrize("rows", [1, 3, 8, 63, 64, 65, 200])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_float64_reference(kernel, threads, out_features, in_features,
+def test_packed_linear_matches_float64_reference(math, threads, out_features, in_features,
                                                  rows, with_bias):
     weight, bias, x = _random((out_features, in_features), (out_features,), (rows, in_features),
                               seed=rows * 31 + out_features)
     layer = Linear(weight, bias if with_bias else None)
+    assert layer.math == math
     assert layer.packed is not None and layer.weight is None  # one copy: the packed one
     got = layer(x)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
-    torch.testing.assert_close(got, _reference(x, weight, bias if with_bias else None),
-                               rtol=1e-4, atol=1e-4)
+    _assert_near(got, _reference(x, weight, bias if with_bias else None), _error_bound(x, weight, math))
 
 
-def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(kernel):
+def test_three_bf16_parts_are_more_accurate_than_two(kernel):
+    if not cpu_ops.amx_available():
+        pytest.skip("no AMX on this CPU (or in this kernel build)")
+    weight, x = _random((64, 576), (40, 576), seed=11)
+    want = _reference(x, weight, None).double()
+    err = {parts: (cpu_ops.amx_linear(x, cpu_ops.pack_amx_weight(weight, parts), None, 64).double()
+                   - want).abs().max().item() for parts in (2, 3)}
+    err["ieee"] = (cpu_ops.packed_linear(x, cpu_ops.pack_linear_weight(weight), None, 64).double()
+                   - want).abs().max().item()
+    # three parts: float32's rounding in the sums is all that is left, as for the FMA kernel
+    assert 0 < err[3] * 4 < err[2] and err[3] < 4 * err["ieee"], err
+
+
+def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(math):
     weight, bias, x = _random((130, 900), (130,), (150, 900), seed=1)
     layer = Linear(weight, bias)
     before = torch.get_num_threads()
@@ -52,7 +89,7 @@ def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(kernel):
         torch.set_num_threads(before)
 
 
-def test_strided_and_empty_inputs(kernel):
+def test_strided_and_empty_inputs(math):
     weight, wide = _random((40, 30), (6, 70), seed=2)
     layer = Linear(weight)
     x = wide[:, 5:35]  # rows 70 floats apart
@@ -72,6 +109,52 @@ def test_bad_shapes_are_refused(kernel):
         cpu_ops.packed_linear(x[:, :30], weight, None, 40)
     with pytest.raises(RuntimeError, match="bias must be float32 with 40 values"):
         cpu_ops.packed_linear(x[:, :30], packed, torch.zeros(39), 40)
+
+
+def test_bad_shapes_are_refused_by_the_amx_kernel(kernel):
+    if not cpu_ops.amx_available():
+        pytest.skip("no AMX on this CPU (or in this kernel build)")
+    weight, x = _random((40, 30), (2, 70), seed=3)
+    packed = cpu_ops.pack_amx_weight(weight, 2)
+    with pytest.raises(RuntimeError, match="x has 70 features, the weight was packed for 1 steps"):
+        cpu_ops.amx_linear(x, packed, None, 40)
+    with pytest.raises(RuntimeError, match="output features do not match"):
+        cpu_ops.amx_linear(x[:, :30], packed, None, 400)
+    with pytest.raises(RuntimeError, match="must come from pack_amx_weight"):
+        cpu_ops.amx_linear(x[:, :30], cpu_ops.pack_linear_weight(weight), None, 40)
+    with pytest.raises(RuntimeError, match="bias must be float32 with 40 values"):
+        cpu_ops.amx_linear(x[:, :30], packed, torch.zeros(39), 40)
+    with pytest.raises(RuntimeError, match="parts must be 2 .bf16x3. or 3 .bf16x6., got 4"):
+        cpu_ops.pack_amx_weight(weight, 4)
+    with pytest.raises(RuntimeError, match="not gate and up halves"):
+        cpu_ops.pack_amx_gated_weight(weight[:39], 2)
+
+
+def test_fp32_matmul_setting(kernel, monkeypatch, caplog):
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", "fast")
+    with pytest.raises(ValueError, match="PDSERVE_FP32_MATMUL='fast': expected one of auto, ieee"):
+        Linear(torch.randn(8, 4))
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", "ieee")
+    assert fp32_matmul_mode() == "ieee" and Linear(torch.randn(8, 4)).packed.dtype == torch.float32
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", "auto")
+    assert fp32_matmul_mode() == ("bf16x3" if cpu_ops.amx_available() else "ieee")
+    # without AMX an explicit bf16x6 falls back to ieee, and says so
+    monkeypatch.setattr(linear_mod.cpu_ops, "amx_available", lambda: False)
+    monkeypatch.setattr(linear_mod, "_warned", set())
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", "bf16x6")
+    with caplog.at_level("WARNING", logger="engine.kernels.linear"):
+        layer = Linear(torch.randn(8, 4))
+    assert layer.math == "ieee" and "PDSERVE_FP32_MATMUL=bf16x6 needs a CPU with AMX" in caplog.text
+
+
+def test_amx_weights_read_two_bytes_a_part(kernel, monkeypatch):
+    if not cpu_ops.amx_available():
+        pytest.skip("no AMX on this CPU (or in this kernel build)")
+    for math, parts in (("bf16x3", 2), ("bf16x6", 3)):
+        monkeypatch.setenv("PDSERVE_FP32_MATMUL", math)
+        layer, gated = Linear(torch.randn(40, 30)), GatedLinear(torch.randn(2 * 20, 30))
+        assert layer.packed.dtype == gated.packed.dtype == torch.bfloat16
+        assert layer.nbytes() == 40 * 30 * 2 * parts and gated.nbytes() == 2 * 20 * 30 * 2 * parts
 
 
 def test_other_dtypes_keep_plain_weights():
@@ -108,21 +191,25 @@ def _gated_reference(x, weight):
 # 100 outputs: a partial last panel pair; 1600 inputs: three K blocks (partial sums in scratch)
 @pytest.mark.parametrize("inner, in_features", [(100, 96), (49, 1600), (1, 7)])
 @pytest.mark.parametrize("rows", [1, 8, 63, 65, 200])
-def test_gated_linear_matches_float64_reference(kernel, threads, inner, in_features, rows):
+def test_gated_linear_matches_float64_reference(math, threads, inner, in_features, rows):
     weight, x = _random((2 * inner, in_features), (rows, in_features), seed=rows * 7 + inner)
     weight *= in_features ** -0.5  # sums of order 1, as in a model: float32's error stays ~1e-6
     layer = GatedLinear(weight)
+    assert layer.math == math
     assert layer.packed is not None and layer.weight is None
     got = layer(x)
     assert got.shape == (rows, inner) and got.dtype == torch.float32
-    torch.testing.assert_close(got, _gated_reference(x, weight), rtol=1e-4, atol=1e-4)
+    # silu(g) * u moves by at most 1.1 |u| dg + |silu(g)| du
+    gate, up = F.linear(x.double(), weight.double()).chunk(2, dim=-1)
+    d_gate, d_up = _error_bound(x, weight, math).chunk(2, dim=-1)
+    _assert_near(got, _gated_reference(x, weight), 1.1 * up.abs() * d_gate + F.silu(gate).abs() * d_up + 1e-6)
 
 
-def test_gated_linear_has_the_bits_of_the_unfused_path_in_any_batch(kernel):
+def test_gated_linear_has_the_bits_of_the_unfused_path_in_any_batch(math):
     weight, x = _random((2 * 130, 900), (150, 900), seed=5)
     x[0, :4] = torch.tensor([300.0, -300.0, 1e4, -1e4])  # gate sums past exp's clamps
     layer = GatedLinear(weight)
-    unfused = cpu_ops.silu_mul(cpu_ops.packed_linear(x, cpu_ops.pack_linear_weight(weight), None, 260))
+    unfused = cpu_ops.silu_mul(Linear(weight)(x))  # the same math, its own panels
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -134,7 +221,8 @@ def test_gated_linear_has_the_bits_of_the_unfused_path_in_any_batch(kernel):
         torch.set_num_threads(before)
 
 
-def test_gated_linear_strided_empty_and_bad_inputs(kernel):
+def test_gated_linear_strided_empty_and_bad_inputs(kernel, monkeypatch):
+    monkeypatch.setenv("PDSERVE_FP32_MATMUL", "ieee")  # the FMA kernel's checks
     weight, wide = _random((2 * 20, 30), (6, 70), seed=6)
     layer = GatedLinear(weight)
     x = wide[:, 5:35]

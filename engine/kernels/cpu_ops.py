@@ -11,7 +11,9 @@ its GQA group of query heads. float32, bfloat16 and float16
 The same extension carries the float32 linear layer of packed_linear.cpp (`pack_linear_weight`,
 `packed_linear`: a weight packed once into column panels, for every row count from batch-1
 decode to a prefill chunk; `pack_gated_weight`, `gated_linear`: a gated MLP's gate_up
-projection with silu(gate) * up in its epilogue) and the fused float32 residual-add + RMSNorm, in-place RoPE,
+projection with silu(gate) * up in its epilogue), its AMX form of amx_linear.cpp (float32 as sums
+of bfloat16 parts on the tile unit: `amx_available`, `pack_amx_weight`, `amx_linear`,
+`pack_amx_gated_weight`, `amx_gated_linear`) and the fused float32 residual-add + RMSNorm, in-place RoPE,
 silu(gate) * up, the K/V write into cache slots and a greedy argmax over rows of fused_ops.cpp
 (`add_rms_norm`, `rope_`, `silu_mul`, `store_kv`, `argmax_rows`).
 
@@ -50,7 +52,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.cpp")
-SOURCES = [SOURCE] + [Path(__file__).with_name(f) for f in ("packed_linear.cpp", "fused_ops.cpp")]  # one extension
+SOURCES = [SOURCE] + [Path(__file__).with_name(f)  # one extension
+                      for f in ("packed_linear.cpp", "amx_linear.cpp", "fused_ops.cpp")]
 HEADERS = [Path(__file__).with_name("vec16.h")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("PDSERVE_KERNEL_CFLAGS", "").split()
 LDFLAGS = ["-fopenmp"]
@@ -145,6 +148,10 @@ def _build() -> None:
     y = torch.ops.pdserve.gated_linear(x, torch.ops.pdserve.pack_gated_weight(w[:4]), 2)
     if not torch.allclose(y, F.silu(gate) * up, rtol=1e-4, atol=1e-5):
         raise RuntimeError("the compiled gated linear kernel fails its smoke test")
+    if torch.ops.pdserve.amx_linear_available():  # three bf16 parts: float32's accuracy
+        y = torch.ops.pdserve.amx_linear(x, torch.ops.pdserve.pack_amx_weight(w, 3), b, 5)
+        if not torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5):
+            raise RuntimeError("the compiled AMX linear kernel fails its smoke test")
 
 
 def forced_off() -> bool:
@@ -212,6 +219,38 @@ def gated_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> to
     """x [rows, in] float32 -> silu(x Wg^T) * (x Wu^T) [rows, out_features], one pass over a
     weight packed by `pack_gated_weight`: the same bits as `packed_linear` then `silu_mul`."""
     return torch.ops.pdserve.gated_linear(x, packed, out_features)
+
+
+def amx_available() -> bool:
+    """Whether the AMX linear kernel runs here: built for a CPU with AMX-BF16 and granted the
+    tile state by the OS. False where the kernels are unavailable."""
+    return available() and bool(torch.ops.pdserve.amx_linear_available())
+
+
+def pack_amx_weight(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """weight [out, in] float32 -> the AMX layout `amx_linear` reads, [P, ceil(in / 32), parts,
+    16, 32] bfloat16 (P: 16-column panels, an even number): `parts` = 2 (bf16x3) or 3 (bf16x6)
+    bf16 parts of each weight, in the tiles' pair-interleaved order; zero-padded."""
+    return torch.ops.pdserve.pack_amx_weight(weight, parts)
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+               out_features: int) -> torch.Tensor:
+    """x [rows, in] float32 -> x W^T + bias [rows, out_features] on the AMX tiles, W as packed by
+    `pack_amx_weight` (x split into the same number of parts). A row's result has the same bits
+    whatever the other rows."""
+    return torch.ops.pdserve.amx_linear(x, packed, bias, out_features)
+
+
+def pack_amx_gated_weight(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """A gated MLP's gate_up weight [2I, in] float32 -> AMX panel pairs (gate panel j at 2j, the
+    up panel of the same 16 columns at 2j + 1) for `amx_gated_linear`."""
+    return torch.ops.pdserve.pack_amx_gated_weight(weight, parts)
+
+
+def amx_gated_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [rows, in] float32 -> silu(x Wg^T) * (x Wu^T) [rows, out_features] on the AMX tiles."""
+    return torch.ops.pdserve.amx_gated_linear(x, packed, out_features)
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
