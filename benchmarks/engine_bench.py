@@ -57,12 +57,16 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
+def _greedy(n: int):
     from engine.sampling_params import SamplingParams
 
-    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
-    engine.generate(spec["warmup"], greedy(4))
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
+
+def bench_offline(engine, spec: dict, sizes: dict) -> dict:
+    """The best of the offline batches (see best_offline_run)."""
+    greedy = _greedy
+    engine.generate(spec["warmup"], greedy(4))
     runs = []
     for prompts in [spec["offline"], *spec.get("offline_repeats", [])]:
         steps0, pre0 = engine.stats.num_steps, engine.stats.num_preemptions
@@ -75,8 +79,12 @@ def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
                      "steps": engine.stats.num_steps - steps0,
                      "preemptions": engine.stats.num_preemptions - pre0,
                      "first_tokens": [c.token_ids[:16] for c in outs]})
-    offline = best_offline_run(runs)
+    return best_offline_run(runs)
 
+
+def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
+    greedy = _greedy
+    offline = bench_offline(engine, spec, sizes)
     single = None
     for prompt in spec["single"][:sizes["repeats"]]:
         rid = engine.add_request(prompt, greedy(sizes["single_tokens"]))
@@ -129,6 +137,7 @@ def peer_wanted(args, name: str) -> bool:
 def main(args) -> int:
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.engine import Engine
+    from engine.kernels.linear import AMX_PARTS, FP32_MATMUL_ENV
     from engine.loader import default_gguf_path, load_tokenizer, resolve_model_dir
 
     quick = bool(getattr(args, "quick", False))
@@ -158,15 +167,32 @@ def main(args) -> int:
     longest = max(sizes["prompt_len"][1], sizes["single_prompt_len"]) + max(sizes["max_tokens"], sizes["single_tokens"])
     num_blocks = (sizes["num_prompts"] * -(-longest // block)
                   + -(-(max(sizes["prefill_lens"]) + 1) // block) + 64)
-    engine = Engine(EngineConfig(
+    new_engine = lambda: Engine(EngineConfig(  # noqa: E731
         model=str(model_dir), dtype="float32", device="cpu", num_threads=threads,
         cache=CacheConfig(num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=max(SchedulerConfig().max_num_seqs, sizes["num_prompts"]))))
+    engine = new_engine()
     weight_bytes = engine.model.weight_bytes()
     ours = bench_pdserve(engine, spec, sizes)
     ours["load1_after"] = load1()
+    ours["fp32_matmul"] = engine.model.lm_head.math
     del engine
     gc.collect()
+    if ours["fp32_matmul"] in AMX_PARTS:
+        # the same engine on the FMA kernel (exact float32 products), for the ratio side by side
+        log("pdserve engine, PDSERVE_FP32_MATMUL=ieee (offline only)")
+        before = os.environ.get(FP32_MATMUL_ENV)
+        os.environ[FP32_MATMUL_ENV] = "ieee"
+        try:
+            engine = new_engine()
+            ours["offline_ieee"] = bench_offline(engine, spec, sizes)
+        finally:
+            if before is None:
+                os.environ.pop(FP32_MATMUL_ENV, None)
+            else:
+                os.environ[FP32_MATMUL_ENV] = before
+        del engine
+        gc.collect()
 
     common = ["--spec", str(spec_path), "--threads", str(threads),
               "--single-tokens", str(sizes["single_tokens"]), "--repeats", str(sizes["repeats"])]
@@ -238,6 +264,8 @@ def summarize(ours, hf, peers, bw, bandwidth, weight_bytes, sizes, threads, quic
     vl_off = _tps(peers.get("vllm_cpu"), "offline", "tokens_per_s")
     roofline_tps = bandwidth * 1e9 / weight_bytes
     hf_first = _tps(hf, "offline", "first_tokens")
+    ieee_off = _tps(ours, "offline_ieee", "tokens_per_s")
+    ieee_first = _tps(ours, "offline_ieee", "first_tokens")
     vl_first = _tps(peers.get("vllm_cpu"), "offline", "first_tokens")
     return {
         "bench": "engine", "quick": quick, "model": "SmolLM2-135M-Instruct", "dtype": "float32",
@@ -245,9 +273,14 @@ def summarize(ours, hf, peers, bw, bandwidth, weight_bytes, sizes, threads, quic
         "torch": torch.__version__, "sizes": {k: list(v) if isinstance(v, tuple) else v
                                               for k, v in sizes.items()},
         "load1_start": load_start, "load1_end": load1(), "loadavg_end": list(os.getloadavg()),
+        "fp32_matmul": ours.get("fp32_matmul"),
         "offline_tokens_per_s": r3(off),
         "hf_offline_tokens_per_s": r3(hf_off),
         "throughput_ratio_vs_hf": _ratio(off, hf_off),
+        # the FMA kernel's exact float32 products, run after the AMX engine (None without AMX)
+        "offline_tokens_per_s_ieee": r3(ieee_off),
+        "throughput_ratio_vs_hf_ieee": _ratio(ieee_off, hf_off),
+        "ieee_agreement_first8": agreement(ours["offline"]["first_tokens"], ieee_first) if ieee_first else None,
         # HF's process CPU seconds / ours for the offline run: steadier than wall time on a
         # shared box (exact at 1 thread; OMP spin-waits inflate both at more threads)
         "cpu_time_ratio_vs_hf": _ratio(_tps(hf, "offline", "cpu_s"), ours["offline"]["cpu_s"]),
@@ -308,6 +341,11 @@ def render(r: dict) -> str:
                  f"by offline CPU time {fmt(r['cpu_time_ratio_vs_hf'], 2)})")
     if peers:
         lines.append(f"throughput_ratio_vs_vllm_cpu  {fmt(r['throughput_ratio_vs_vllm_cpu'], 2)}   (goal >= 1)")
+    lines.append(f"float32 matmul                {r.get('fp32_matmul')} (PDSERVE_FP32_MATMUL)")
+    if r.get("offline_tokens_per_s_ieee") is not None:
+        lines.append(f"  offline with ieee (FMA)     {fmt(r['offline_tokens_per_s_ieee'])} tok/s, "
+                     f"{fmt(r['throughput_ratio_vs_hf_ieee'], 2)}x HF; first 8 tokens as "
+                     f"{r['fp32_matmul']} on {r['ieee_agreement_first8']:.0%} of prompts")
     lines.append(f"memory bandwidth              copy {fmt(r['mem_copy_gbps'])} GB/s, read "
                  f"{fmt(r['mem_read_gbps'])} GB/s -> using {fmt(r['mem_bandwidth_gbps'])} GB/s")
     lines.append(f"batch-1 roofline              {r['weight_bytes'] / 1e6:.0f} MB/token -> "

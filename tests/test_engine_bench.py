@@ -75,3 +75,22 @@ def test_bench_ran_the_sizes_it_reports(bench):
     assert ours["offline"]["tokens_per_s"] == pytest.approx(r["offline_tokens_per_s"], rel=1e-3)
     # Both engines run the same greedy model on the same prompts: their first tokens agree.
     assert r["hf_agreement_first8"] >= 0.75
+
+
+@pytest.mark.timeout(420)
+def test_bench_reports_its_float32_matmul(bench):
+    """Where the engine ran the AMX maths, the FMA kernel's offline figure sits beside it."""
+    r, stdout = bench
+    assert r["fp32_matmul"] in ("ieee", "bf16x3", "bf16x6")
+    assert f"float32 matmul                {r['fp32_matmul']}" in stdout
+    if r["fp32_matmul"] == "ieee":
+        assert r["offline_tokens_per_s_ieee"] is None and r["throughput_ratio_vs_hf_ieee"] is None
+        assert "offline_ieee" not in r["pdserve"]
+        return
+    s = r["sizes"]
+    assert positive(r["offline_tokens_per_s_ieee"])
+    assert r["pdserve"]["offline_ieee"]["output_tokens"] == s["num_prompts"] * s["max_tokens"]
+    assert r["throughput_ratio_vs_hf_ieee"] == pytest.approx(
+        r["offline_tokens_per_s_ieee"] / r["hf_offline_tokens_per_s"], rel=2e-3)
+    assert r["ieee_agreement_first8"] >= 0.75
+    assert "offline with ieee (FMA)" in stdout

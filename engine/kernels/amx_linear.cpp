@@ -4,10 +4,15 @@
 // build and answer amx_linear_available() == false where the compiler or the CPU lacks AMX.
 //
 // Why: on a CPU with AMX (Xeon Sapphire Rapids and later) one core's TDPBF16PS does ~2.9 TFLOP/s
-// of bf16 products with float32 sums (measured on the 2-core Xeon of 2026-12-07), against ~210
-// GFLOP/s of float32 FMAs. A float32 matmul rebuilt from bf16 parts costs 3 or 6 tile products
-// per product and still comes out several times faster: it is the "bf16x3" of PyTorch's
-// float32_matmul_precision("high") and of oneDNN, and "bf16x6" with three parts.
+// of bf16 products with float32 sums (a register-only loop on the 2-core Xeon of 2026-12-07),
+// against ~210 GFLOP/s of float32 FMAs. A float32 matmul rebuilt from bf16 parts costs 3 or 6
+// tile products per product and still comes out ahead: it is the "bf16x3" of PyTorch's
+// float32_matmul_precision("high") and of oneDNN, and "bf16x6" with three parts. Measured there
+// (the default model's 30 layers, distinct weights, 2 threads, against packed_linear.cpp side
+// by side): at 64 rows 52 -> 40 ms (bf16x3; bf16x6 62 ms), at 2048 rows 1350 -> 670-800 ms
+// (bf16x6 ~1160), at 1 row 20 -> 22 ms (both stream the same 4 bytes a weight). At 64 rows
+// neither the tile unit (~40 % busy) nor memory (~11 GB/s) is the limit: the weight stream and
+// the products hardly overlap, and software prefetch did not change that.
 //
 // Splits: v = v0 + v1 (+ v2), v0 = bf16(v), v1 = bf16(v - v0), v2 = bf16(v - v0 - v1), for x and
 // W alike. Two parts hold 16 of float32's 24 significand bits; three hold all of them. The
@@ -19,15 +24,19 @@
 // a model's activations hold).
 //
 // Layout: W [N, K] is packed as panels of 16 output columns, [P, Kt, S, 16, 32] bf16 (P = ceil(N
-// / 16), Kt = ceil(K / 32), S parts; zero-padded): for each 32-k step and part, the B tile of
-// TDPBF16PS, whose row r holds (W[n, 2r], W[n, 2r + 1]) for n = 0..15 ("VNNI" pairs). A panel is
-// one contiguous stream in K order. A gated MLP's gate_up weight is packed as pairs of panels,
-// gate columns then the up columns of the same outputs.
+// / 16) rounded up to even, Kt = ceil(K / 32), S parts; zero-padded): for each 32-k step and
+// part, the B tile of TDPBF16PS, whose row r holds (W[n, 2r], W[n, 2r + 1]) for n = 0..15
+// ("VNNI" pairs). A panel is one contiguous stream in K order. Panels go in pairs (32 columns);
+// a gated MLP's gate_up weight is packed as pairs of a gate panel and the up panel of the same
+// 16 outputs.
 //
-// Tiles: 0-3 accumulate up to 4 row blocks (64 rows) of one panel in float32 over the whole K;
-// 5-7 hold the panel's parts for the current k step; 4 takes each part of x in turn. x is split
-// once per call into S bf16 copies [M rounded up to 16, K rounded up to 32] (zero padding rows
-// and k's contribute 0).
+// Tiles: 0-3 accumulate 2 row blocks (32 rows) x a panel pair in float32; 4-5 hold the row
+// blocks' current part of x, 6-7 the pair's current part of W. Consecutive products go to
+// different accumulators, so none waits on the previous one's result. K goes in blocks of 4 steps
+// (the pair's block stays in L1 while every row pair of the chunk meets it), the sums resting in
+// a per-thread scratch between blocks (stored and reloaded exactly). x is split once per call
+// into S bf16 copies [M rounded up to 16, K rounded up to 32] (zero padding contributes 0).
+// Threads split the panel pairs; x goes in chunks of rows whose parts (~1 MiB) stay in L2.
 //
 // Numerics: an output element is summed over k steps in increasing order, the products of a
 // step in the order above, whatever M, the element's row block or the thread count: a request
@@ -46,7 +55,7 @@
 
 #include "vec16.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__x86_64__)
 #define PD_HAVE_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -67,7 +76,7 @@ constexpr int64_t K_STEPS = 4;  // k steps per block of a panel pair (2-64 timed
 // thread's range meets them.
 constexpr int64_t CHUNK_BYTES = 1 << 20;
 
-// bf16 of v rounded to nearest even, as its bits (v finite; NaN/inf stay NaN/inf).
+// bf16 of v rounded to nearest even, as its bits (inf stays inf, NaN NaN).
 inline uint16_t to_bf16(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
