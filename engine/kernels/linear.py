@@ -20,8 +20,9 @@ PDSERVE_FP32_MATMUL picks how (the names of PyTorch's and oneDNN's float32 math 
           torch.set_float32_matmul_precision("high"); 1.3x the FMA kernel at 64 rows, 2x at 2048
   bf16x6  3 parts, 6 tile products: float32's 24 bits (errors of float32 rounding's size)
   ieee    the float32 FMA kernel of packed_linear.cpp, exact float32 products
-On the default model the bf16x3 engine's greedy tokens were those of the float32 one for all of
-64 prompts x 128 tokens (emulated with torch, 2026-12-07) and match HF transformers' (tests).
+On the default model the bf16x3 engine's greedy tokens were those of the torch-only float32
+engine on all of the bench's 64 prompts x 128 tokens (2026-12-07), and the tests check every
+math against HF transformers' tokens.
 A machine without AMX takes ieee whatever the setting, with a warning if bf16x* was asked for.
 
 Other devices and dtypes, `PDSERVE_LINEAR=torch`, and builds without the C++ kernels keep the
@@ -71,6 +72,22 @@ def fp32_matmul_mode() -> str:
     return "ieee"
 
 
+def _pack(weight: torch.Tensor, pack_ieee, pack_amx) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+    """(math, packed, plain weight) for a weight: packed by pack_ieee or pack_amx (with the
+    math's number of parts), or kept plain for F.linear (math "torch")."""
+    math = fp32_matmul_mode() if packing_enabled(weight.device, weight.dtype) else "torch"
+    if math == "ieee":
+        return math, pack_ieee(weight), None
+    if math in AMX_PARTS:
+        return math, pack_amx(weight, AMX_PARTS[math]), None
+    return math, None, weight.contiguous()
+
+
+def _itemsize(math: str, dtype: torch.dtype) -> int:
+    """Bytes a weight value takes in the layout the math reads (2 per bf16 part)."""
+    return 2 * AMX_PARTS[math] if math in AMX_PARTS else dtype.itemsize
+
+
 class Linear:
     """y = x W^T + b for x [rows, in] -> [rows, out]; W [out, in] as loaded."""
 
@@ -78,15 +95,9 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = bias
-        self.math = fp32_matmul_mode() if packing_enabled(weight.device, weight.dtype) else "torch"
-        self.packed: torch.Tensor | None = None
-        self.weight: torch.Tensor | None = None  # freed when packed, unless the caller holds it
-        if self.math == "ieee":
-            self.packed = cpu_ops.pack_linear_weight(weight)
-        elif self.math in AMX_PARTS:
-            self.packed = cpu_ops.pack_amx_weight(weight, AMX_PARTS[self.math])
-        else:
-            self.weight = weight.contiguous()
+        # the plain weight is freed when packed, unless the caller holds it
+        self.math, self.packed, self.weight = _pack(weight, cpu_ops.pack_linear_weight,
+                                                    cpu_ops.pack_amx_weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.math == "ieee":
@@ -97,8 +108,7 @@ class Linear:
 
     def nbytes(self) -> int:
         """Bytes of weight one step reads (bf16x6: 3 bf16 parts, 6 bytes a float32 weight)."""
-        itemsize = 2 * AMX_PARTS[self.math] if self.math in AMX_PARTS else self.dtype.itemsize
-        return self.out_features * self.in_features * itemsize
+        return self.out_features * self.in_features * _itemsize(self.math, self.dtype)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -119,15 +129,8 @@ class GatedLinear:
             raise ValueError(f"a gate_up weight needs an even number of rows, got {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape[0] // 2, weight.shape[1]
         self.dtype = weight.dtype
-        self.math = fp32_matmul_mode() if packing_enabled(weight.device, weight.dtype) else "torch"
-        self.packed: torch.Tensor | None = None
-        self.weight: torch.Tensor | None = None
-        if self.math == "ieee":
-            self.packed = cpu_ops.pack_gated_weight(weight)
-        elif self.math in AMX_PARTS:
-            self.packed = cpu_ops.pack_amx_gated_weight(weight, AMX_PARTS[self.math])
-        else:
-            self.weight = weight.contiguous()
+        self.math, self.packed, self.weight = _pack(weight, cpu_ops.pack_gated_weight,
+                                                    cpu_ops.pack_amx_gated_weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.math == "ieee":
@@ -138,5 +141,4 @@ class GatedLinear:
 
     def nbytes(self) -> int:
         """Bytes of weight one step reads (gate and up)."""
-        itemsize = 2 * AMX_PARTS[self.math] if self.math in AMX_PARTS else self.dtype.itemsize
-        return 2 * self.out_features * self.in_features * itemsize
+        return 2 * self.out_features * self.in_features * _itemsize(self.math, self.dtype)
