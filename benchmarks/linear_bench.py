@@ -50,6 +50,7 @@ def build(math: str, weights: list[dict[str, torch.Tensor]]):
     if math == "torch":
         os.environ["PDSERVE_LINEAR"] = "torch"
     else:
+        os.environ.pop("PDSERVE_LINEAR", None)
         os.environ["PDSERVE_FP32_MATMUL"] = math
     try:
         return [{"qkv": Linear(w["qkv"]), "o": Linear(w["o"]), "gate_up": GatedLinear(w["gate_up"]),

@@ -12,8 +12,9 @@ from engine.kernels import linear as linear_mod
 from engine.kernels.linear import GatedLinear, Linear, fp32_matmul_mode, packing_enabled
 
 # Error bound per unit of sum_k |x_k| |w_k|: float32 rounding (ieee, and bf16x6's three parts hold
-# float32's 24 bits) far below 2^-18; bf16x3's two parts drop ~2^-16 of each product.
-ERROR_PER_ABS_SUM = {"ieee": 2.0 ** -18, "bf16x6": 2.0 ** -18, "bf16x3": 2.0 ** -14}
+# float32's 24 bits) far below 2^-18; bf16x3 drops x1 w1 (<= 2^-16 |x w|) and what the two parts
+# leave of x and w (<= 2^-17 each): 2^-15.
+ERROR_PER_ABS_SUM = {"ieee": 2.0 ** -18, "bf16x6": 2.0 ** -18, "bf16x3": 2.0 ** -15}
 
 
 @pytest.fixture(params=["ieee", "bf16x3", "bf16x6"])
@@ -66,7 +67,7 @@ def test_three_bf16_parts_are_more_accurate_than_two(kernel):
         pytest.skip("no AMX on this CPU (or in this kernel build)")
     weight, x = _random((64, 576), (40, 576), seed=11)
     want = _reference(x, weight, None).double()
-    err = {parts: (cpu_ops.amx_linear(x, cpu_ops.pack_amx_weight(weight, parts), None, 64).double()
+    err = {parts: (cpu_ops.amx_linear(x, cpu_ops.pack_amx_weight(weight, parts), None, 576, 64).double()
                    - want).abs().max().item() for parts in (2, 3)}
     err["ieee"] = (cpu_ops.packed_linear(x, cpu_ops.pack_linear_weight(weight), None, 64).double()
                    - want).abs().max().item()
@@ -90,12 +91,29 @@ def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(math):
 
 
 def test_strided_and_empty_inputs(math):
-    weight, wide = _random((40, 30), (6, 70), seed=2)
+    weight, wide, bias = _random((40, 30), (6, 70), (5,), seed=2)
     layer = Linear(weight)
     x = wide[:, 5:35]  # rows 70 floats apart
     assert x.stride() == (70, 1)
     assert torch.equal(layer(x), layer(x.contiguous()))
     assert layer(torch.empty(0, 30)).shape == (0, 40)
+    # no inputs: the bias alone (silu(0) * 0 = 0 for the gated form)
+    assert torch.equal(Linear(torch.empty(5, 0), bias)(torch.empty(3, 0)), bias.expand(3, 5))
+    assert torch.equal(GatedLinear(torch.empty(10, 0))(torch.empty(3, 0)), torch.zeros(3, 5))
+
+
+def test_values_near_float32_max_stay_finite(math):
+    """A weight that rounds up to bf16 inf (|w| > ~3.39e38) is split by truncation instead."""
+    weight = torch.full((3, 40), 3.4e38)
+    weight[1] = -3.4e38
+    weight[2] = 1.0
+    x = torch.zeros(2, 40)
+    x[:, 7] = 0.5
+    got = Linear(weight)(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _reference(x, weight, None), rtol=1e-4, atol=0)
+    x[1, 8] = 1e38  # and an x value of that size next to it
+    torch.testing.assert_close(Linear(weight)(x)[:, 2], _reference(x, weight, None)[:, 2], rtol=1e-4, atol=0)
 
 
 def test_bad_shapes_are_refused(kernel):
@@ -116,14 +134,20 @@ def test_bad_shapes_are_refused_by_the_amx_kernel(kernel):
         pytest.skip("no AMX on this CPU (or in this kernel build)")
     weight, x = _random((40, 30), (2, 70), seed=3)
     packed = cpu_ops.pack_amx_weight(weight, 2)
-    with pytest.raises(RuntimeError, match="x has 70 features, the weight was packed for 1 steps"):
-        cpu_ops.amx_linear(x, packed, None, 40)
+    with pytest.raises(RuntimeError, match="x has 70 features, the weight 30"):
+        cpu_ops.amx_linear(x, packed, None, 30, 40)
+    with pytest.raises(RuntimeError, match="x has 31 features, the weight 30"):
+        cpu_ops.amx_linear(x[:, :31], packed, None, 30, 40)  # the same 32-wide step: still refused
+    with pytest.raises(RuntimeError, match="in_features 70 do not match the packed weight's 1 steps"):
+        cpu_ops.amx_linear(x, packed, None, 70, 40)
     with pytest.raises(RuntimeError, match="output features do not match"):
-        cpu_ops.amx_linear(x[:, :30], packed, None, 400)
+        cpu_ops.amx_linear(x[:, :30], packed, None, 30, 400)
     with pytest.raises(RuntimeError, match="must come from pack_amx_weight"):
-        cpu_ops.amx_linear(x[:, :30], cpu_ops.pack_linear_weight(weight), None, 40)
+        cpu_ops.amx_linear(x[:, :30], cpu_ops.pack_linear_weight(weight), None, 30, 40)
     with pytest.raises(RuntimeError, match="bias must be float32 with 40 values"):
-        cpu_ops.amx_linear(x[:, :30], packed, torch.zeros(39), 40)
+        cpu_ops.amx_linear(x[:, :30], packed, torch.zeros(39), 30, 40)
+    with pytest.raises(RuntimeError, match="x has 31 features, the weight 30"):
+        cpu_ops.amx_gated_linear(x[:, :31], cpu_ops.pack_amx_gated_weight(weight, 3), 30, 20)
     with pytest.raises(RuntimeError, match="parts must be 2 .bf16x3. or 3 .bf16x6., got 4"):
         cpu_ops.pack_amx_weight(weight, 4)
     with pytest.raises(RuntimeError, match="not gate and up halves"):

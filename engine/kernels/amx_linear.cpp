@@ -48,6 +48,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -91,10 +92,18 @@ inline float from_bf16(uint16_t h) {
   return v;
 }
 
-// v -> parts[0..S): v ~ sum of the parts, each the bf16 rounding of what the previous left.
+// v -> parts[0..S): v ~ sum of the parts, each the bf16 rounding of what the previous left. A
+// finite v that rounds up to inf (|v| > ~3.39e38) takes the truncation instead, so that it stays
+// finite; an inf or NaN v leaves NaN in the later parts (inf - inf), and so NaN in the outputs it
+// meets, where float32 products could give +-inf.
 inline void split(float v, int S, uint16_t* parts, int64_t stride) {
   for (int s = 0; s < S; ++s) {
-    const uint16_t h = to_bf16(v);
+    uint16_t h = to_bf16(v);
+    if ((h & 0x7f80) == 0x7f80 && std::isfinite(v)) {
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      h = static_cast<uint16_t>(u >> 16);
+    }
     parts[s * stride] = h;
     v -= from_bf16(h);
   }
@@ -162,15 +171,21 @@ at::Tensor pack_amx_gated_weight(const at::Tensor& w, int64_t S) {
 
 #if PD_HAVE_AMX
 
-// The parts of xr[0, K) into d[s * stride + k], 16 floats per instruction (VCVTNEPS2BF16 rounds to
-// nearest even, as to_bf16; it counts denormal inputs as zero, as the tile unit does anyway).
+// The parts of xr[0, K) into d[s * stride + k], 16 floats per instruction: split() for each value
+// (VCVTNEPS2BF16 rounds to nearest even, as to_bf16; it counts denormal inputs as zero, as the
+// tile unit does anyway).
 void split_row(const float* xr, int64_t K, int S, uint16_t* d, int64_t stride) {
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 live = K - k >= 16 ? static_cast<__mmask16>(0xffff)
                                        : static_cast<__mmask16>((1u << (K - k)) - 1);
     __m512 v = _mm512_maskz_loadu_ps(live, xr + k);
     for (int s = 0; s < S; ++s) {
-      const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+      __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+      // finite values rounded up to inf take the truncation, as in split()
+      const __mmask16 to_inf =
+          _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x7f80)), _mm256_set1_epi16(0x7f80)) &
+          static_cast<__mmask16>(~_mm512_fpclass_ps_mask(v, 0x99));  // 0x99: NaNs and infs
+      h = _mm256_mask_mov_epi16(h, to_inf, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
       _mm256_mask_storeu_epi16(d + s * stride + k, live, h);
       v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
     }
@@ -321,7 +336,7 @@ struct Problem {
   int64_t M, K, Kt, Mpad, Kpad, S, mc;
 };
 
-Problem shape(const at::Tensor& x, const at::Tensor& packed, const char* op) {
+Problem shape(const at::Tensor& x, const at::Tensor& packed, int64_t in_features, const char* op) {
   TORCH_CHECK(amx_linear_available(), op, ": this build or CPU has no AMX (amx_linear_available)");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, op,
               ": x must be a float32 CPU [rows, in] tensor");
@@ -334,18 +349,19 @@ Problem shape(const at::Tensor& x, const at::Tensor& packed, const char* op) {
   pr.Kt = packed.size(1);
   pr.S = packed.size(2);
   check_parts(pr.S, op);
-  TORCH_CHECK((pr.K + TILE_K - 1) / TILE_K == pr.Kt, op, ": x has ", pr.K,
-              " features, the weight was packed for ", pr.Kt, " steps of ", TILE_K);
+  TORCH_CHECK((in_features + TILE_K - 1) / TILE_K == pr.Kt, op, ": in_features ", in_features,
+              " do not match the packed weight's ", pr.Kt, " steps of ", TILE_K);
+  TORCH_CHECK(pr.K == in_features, op, ": x has ", pr.K, " features, the weight ", in_features);
   pr.Mpad = (pr.M + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
   pr.Kpad = pr.Kt * TILE_K;
-  const int64_t row_bytes = pr.Kpad * pr.S * 2;
+  const int64_t row_bytes = std::max<int64_t>(1, pr.Kpad * pr.S * 2);  // K = 0: no steps
   pr.mc = std::max<int64_t>(2 * TILE_ROWS, CHUNK_BYTES / row_bytes / (2 * TILE_ROWS) * (2 * TILE_ROWS));
   return pr;
 }
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                      int64_t N) {
-  const Problem pr = shape(x, packed, "amx_linear");
+                      int64_t K, int64_t N) {
+  const Problem pr = shape(x, packed, K, "amx_linear");
   const int64_t P = packed.size(0);
   TORCH_CHECK(P % 2 == 0 && N > (P - 2) * TILE_COLS && N <= P * TILE_COLS, "amx_linear: ", N,
               " output features do not match the packed weight's ", P, " panels of ", TILE_COLS);
@@ -393,8 +409,8 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   return y;
 }
 
-at::Tensor amx_gated_linear(const at::Tensor& x, const at::Tensor& packed, int64_t I) {
-  const Problem pr = shape(x, packed, "amx_gated_linear");
+at::Tensor amx_gated_linear(const at::Tensor& x, const at::Tensor& packed, int64_t K, int64_t I) {
+  const Problem pr = shape(x, packed, K, "amx_gated_linear");
   TORCH_CHECK(packed.size(0) % 2 == 0, "amx_gated_linear: the weight must come from pack_amx_gated_weight");
   const int64_t J = packed.size(0) / 2;
   TORCH_CHECK(I > (J - 1) * TILE_COLS && I <= J * TILE_COLS, "amx_gated_linear: ", I,
@@ -441,8 +457,8 @@ TORCH_LIBRARY_FRAGMENT(PD_NS, m) {
   m.def("amx_linear_available() -> bool", &amx_linear_available);  // no tensor to dispatch on
   m.def("pack_amx_weight(Tensor w, int parts) -> Tensor");
   m.def("pack_amx_gated_weight(Tensor w, int parts) -> Tensor");
-  m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
-  m.def("amx_gated_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias, int in_features, int out_features) -> Tensor");
+  m.def("amx_gated_linear(Tensor x, Tensor packed, int in_features, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PD_NS, CPU, m) {

@@ -103,7 +103,7 @@ class Linear:
         if self.math == "ieee":
             return cpu_ops.packed_linear(x, self.packed, self.bias, self.out_features)
         if self.packed is not None:
-            return cpu_ops.amx_linear(x, self.packed, self.bias, self.out_features)
+            return cpu_ops.amx_linear(x, self.packed, self.bias, self.in_features, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:
@@ -136,7 +136,7 @@ class GatedLinear:
         if self.math == "ieee":
             return cpu_ops.gated_linear(x, self.packed, self.out_features)
         if self.packed is not None:
-            return cpu_ops.amx_gated_linear(x, self.packed, self.out_features)
+            return cpu_ops.amx_gated_linear(x, self.packed, self.in_features, self.out_features)
         return silu_mul(F.linear(x, self.weight))
 
     def nbytes(self) -> int:
