@@ -359,6 +359,34 @@ Problem shape(const at::Tensor& x, const at::Tensor& packed, int64_t in_features
   return pr;
 }
 
+#if PD_HAVE_AMX
+// Splits x into its parts, then, on the threads (which share out the panel pairs), hands each
+// pair's sums for each chunk of rows to epilogue(pair, first row, rows, c [rows, 32]).
+template <class Epilogue>
+void for_each_pair(const at::Tensor& x, const at::Tensor& packed, const Problem& pr, int64_t pairs,
+                   const Epilogue& epilogue) {
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int S = static_cast<int>(pr.S);
+  const at::Tensor parts = split_rows(xc.const_data_ptr<float>(), xc.stride(0), pr.M, pr.K, pr.Mpad, pr.Kpad, S);
+  const auto* a = reinterpret_cast<const uint16_t*>(parts.const_data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
+  const int64_t panel = pr.Kt * pr.S * TILE_ELEMS;
+  at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
+    configure_tiles();
+    std::vector<float> c(pr.mc * PAIR_COLS);
+    for (int64_t mc = 0; mc < pr.Mpad; mc += pr.mc) {
+      const int64_t mend = std::min(pr.Mpad, mc + pr.mc), rows = std::min(pr.M, mend) - mc;
+      for (int64_t q = q0; q < q1; ++q) {
+        rows_pair(S, a, pr.Kpad, pr.Mpad * pr.Kpad, mc, mend, wp + 2 * q * panel,
+                  wp + (2 * q + 1) * panel, pr.Kt, c.data());
+        epilogue(q, mc, rows, c.data());
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                       int64_t K, int64_t N) {
   const Problem pr = shape(x, packed, K, "amx_linear");
@@ -375,35 +403,19 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   if (pr.M == 0) return y;
   if (pr.K == 0) return b.defined() ? y.copy_(b.expand({pr.M, N})) : y.zero_();
 #if PD_HAVE_AMX
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  const int S = static_cast<int>(pr.S);
-  const at::Tensor parts = split_rows(xc.const_data_ptr<float>(), xc.stride(0), pr.M, pr.K, pr.Mpad, pr.Kpad, S);
-  const auto* a = reinterpret_cast<const uint16_t*>(parts.const_data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t panel = pr.Kt * pr.S * TILE_ELEMS;
-  at::parallel_for(0, P / 2, 1, [&](int64_t q0, int64_t q1) {
-    configure_tiles();
-    std::vector<float> c(pr.mc * PAIR_COLS);
-    for (int64_t mc = 0; mc < pr.Mpad; mc += pr.mc) {
-      const int64_t mend = std::min(pr.Mpad, mc + pr.mc), rows = std::min(pr.M, mend) - mc;
-      for (int64_t q = q0; q < q1; ++q) {
-        rows_pair(S, a, pr.Kpad, pr.Mpad * pr.Kpad, mc, mend, wp + 2 * q * panel,
-                  wp + (2 * q + 1) * panel, pr.Kt, c.data());
-        const int64_t col0 = q * PAIR_COLS, cols = std::min(PAIR_COLS, N - col0);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = yp + (mc + r) * N + col0;
-          const float* src = c.data() + r * PAIR_COLS;
-          if (bp != nullptr) {
-            for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] + bp[col0 + j];
-          } else {
-            std::memcpy(dst, src, cols * sizeof(float));
-          }
-        }
+  for_each_pair(x, packed, pr, P / 2, [&](int64_t q, int64_t m0, int64_t rows, const float* c) {
+    const int64_t col0 = q * PAIR_COLS, cols = std::min(PAIR_COLS, N - col0);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dst = yp + (m0 + r) * N + col0;
+      const float* src = c + r * PAIR_COLS;
+      if (bp != nullptr) {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] + bp[col0 + j];
+      } else {
+        std::memcpy(dst, src, cols * sizeof(float));
       }
     }
-    _tile_release();
   });
 #endif
   return y;
@@ -419,29 +431,14 @@ at::Tensor amx_gated_linear(const at::Tensor& x, const at::Tensor& packed, int64
   if (pr.M == 0) return y;
   if (pr.K == 0) return y.zero_();  // silu(0) * 0
 #if PD_HAVE_AMX
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  const int S = static_cast<int>(pr.S);
-  const at::Tensor parts = split_rows(xc.const_data_ptr<float>(), xc.stride(0), pr.M, pr.K, pr.Mpad, pr.Kpad, S);
-  const auto* a = reinterpret_cast<const uint16_t*>(parts.const_data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  const int64_t panel = pr.Kt * pr.S * TILE_ELEMS;
-  at::parallel_for(0, J, 1, [&](int64_t j0, int64_t j1) {
-    configure_tiles();
-    std::vector<float> c(pr.mc * PAIR_COLS);  // a row: 16 gate sums, then the 16 up sums
-    for (int64_t mc = 0; mc < pr.Mpad; mc += pr.mc) {
-      const int64_t mend = std::min(pr.Mpad, mc + pr.mc), rows = std::min(pr.M, mend) - mc;
-      for (int64_t j = j0; j < j1; ++j) {
-        rows_pair(S, a, pr.Kpad, pr.Mpad * pr.Kpad, mc, mend, wp + 2 * j * panel,
-                  wp + (2 * j + 1) * panel, pr.Kt, c.data());
-        const int64_t cols = std::min<int64_t>(TILE_COLS, I - j * TILE_COLS);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* cr = c.data() + r * PAIR_COLS;
-          silu_mul_row(cr, cr + TILE_COLS, yp + (mc + r) * I + j * TILE_COLS, cols);
-        }
-      }
+  // a row of c: the 16 gate sums, then the 16 up sums
+  for_each_pair(x, packed, pr, J, [&](int64_t j, int64_t m0, int64_t rows, const float* c) {
+    const int64_t cols = std::min<int64_t>(TILE_COLS, I - j * TILE_COLS);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* cr = c + r * PAIR_COLS;
+      silu_mul_row(cr, cr + TILE_COLS, yp + (m0 + r) * I + j * TILE_COLS, cols);
     }
-    _tile_release();
   });
 #endif
   return y;
