@@ -8,7 +8,8 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,6 +147,26 @@ def _tail(path: Path, lines: int = 3) -> str:
     except OSError:
         return ""
     return " | ".join(text[-lines:])[-600:]
+
+
+@contextmanager
+def env_set(**values: str | None) -> Iterator[None]:
+    """Sets (a value) or removes (None) environment variables for the block, then puts back what
+    was there."""
+    before = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def child_env(threads: int, keep_pythonpath: bool) -> dict[str, str]:

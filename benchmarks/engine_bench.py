@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_util import (RunnerError, agreement, best_offline_run, child_env, cpu_name, fmt,
+from benchmarks.bench_util import (RunnerError, agreement, best_offline_run, child_env, cpu_name, env_set, fmt,
                                    make_spec, memory_bandwidth, run_json, table)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +65,12 @@ def _greedy(n: int):
 
 def bench_offline(engine, spec: dict, sizes: dict) -> dict:
     """The best of the offline batches (see best_offline_run)."""
-    greedy = _greedy
-    engine.generate(spec["warmup"], greedy(4))
+    engine.generate(spec["warmup"], _greedy(4))
     runs = []
     for prompts in [spec["offline"], *spec.get("offline_repeats", [])]:
         steps0, pre0 = engine.stats.num_steps, engine.stats.num_preemptions
         t, cpu = time.perf_counter(), time.process_time()
-        outs = engine.generate(prompts, greedy(sizes["max_tokens"]))
+        outs = engine.generate(prompts, _greedy(sizes["max_tokens"]))
         elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
         n_out = sum(len(c.token_ids) for c in outs)
         runs.append({"tokens_per_s": n_out / elapsed, "elapsed_s": elapsed, "cpu_s": cpu,
@@ -83,11 +82,10 @@ def bench_offline(engine, spec: dict, sizes: dict) -> dict:
 
 
 def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
-    greedy = _greedy
     offline = bench_offline(engine, spec, sizes)
     single = None
     for prompt in spec["single"][:sizes["repeats"]]:
-        rid = engine.add_request(prompt, greedy(sizes["single_tokens"]))
+        rid = engine.add_request(prompt, _greedy(sizes["single_tokens"]))
         stamps: list[float] = []
         t = time.perf_counter()
         while engine.has_unfinished:
@@ -107,7 +105,7 @@ def bench_pdserve(engine, spec: dict, sizes: dict) -> dict:
         best = None
         for prompt in variants[:sizes["repeats"]]:
             t = time.perf_counter()
-            engine.generate([prompt], greedy(1))
+            engine.generate([prompt], _greedy(1))
             dt = time.perf_counter() - t
             best = dt if best is None else min(best, dt)
         prefill[length] = {"tokens_per_s": int(length) / best, "elapsed_s": best}
@@ -181,16 +179,9 @@ def main(args) -> int:
     if ours["fp32_matmul"] in AMX_PARTS:
         # the same engine on the FMA kernel (exact float32 products), for the ratio side by side
         log("pdserve engine, PDSERVE_FP32_MATMUL=ieee (offline only)")
-        before = os.environ.get(FP32_MATMUL_ENV)
-        os.environ[FP32_MATMUL_ENV] = "ieee"
-        try:
+        with env_set(**{FP32_MATMUL_ENV: "ieee"}):
             engine = new_engine()
-            ours["offline_ieee"] = bench_offline(engine, spec, sizes)
-        finally:
-            if before is None:
-                os.environ.pop(FP32_MATMUL_ENV, None)
-            else:
-                os.environ[FP32_MATMUL_ENV] = before
+        ours["offline_ieee"] = bench_offline(engine, spec, sizes)
         del engine
         gc.collect()
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.bench_util import env_set
 
 HIDDEN, INTERMEDIATE, QKV_OUT = 576, 1536, 576 + 2 * 192
 MATHS = ("torch", "ieee", "bf16x3", "bf16x6")
@@ -46,21 +47,11 @@ def build(math: str, weights: list[dict[str, torch.Tensor]]):
         return None
     if math in ("bf16x3", "bf16x6") and not cpu_ops.amx_available():
         return None
-    before = {k: os.environ.get(k) for k in ("PDSERVE_LINEAR", "PDSERVE_FP32_MATMUL")}
-    if math == "torch":
-        os.environ["PDSERVE_LINEAR"] = "torch"
-    else:
-        os.environ.pop("PDSERVE_LINEAR", None)
-        os.environ["PDSERVE_FP32_MATMUL"] = math
-    try:
+    setting = (dict(PDSERVE_LINEAR="torch") if math == "torch"
+               else dict(PDSERVE_LINEAR=None, PDSERVE_FP32_MATMUL=math))
+    with env_set(**setting):
         return [{"qkv": Linear(w["qkv"]), "o": Linear(w["o"]), "gate_up": GatedLinear(w["gate_up"]),
                  "down": Linear(w["down"])} for w in weights]
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def one_pass(layers, x_hidden: torch.Tensor, x_inner: torch.Tensor) -> None:
